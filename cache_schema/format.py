@@ -1,0 +1,131 @@
+"""Constants of the kd-topk-cache format (version 1) and its error classes.
+
+Everything a writer and a reader must agree on lives here: the format name and version, the names of the
+root/part metadata keys, the names and storage dtypes of the per-part arrays, chunk sizes and the numeric
+tolerances used by validation. The full specification is cache_schema/README.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT_NAME = "kd-topk-cache"
+FORMAT_VERSION = 1
+
+# Root group layout: attributes hold the metadata, `parts/<part_id>` holds one sub-group per part.
+PARTS_GROUP = "parts"
+PART_ID_WIDTH = 6
+MAX_PARTS = 10**PART_ID_WIDTH
+
+# Keys the writer owns in the root attributes; a caller's `meta` may not set them.
+WRITER_KEYS = (
+    "format",
+    "format_version",
+    "created_at",
+    "completed_at",
+    "num_parts",
+    "vocab_size",
+    "top_k",
+    "id_dtype",
+    "position_dtype",
+    "logprob_dtype",
+    "label_logprob_dtype",
+    "relations",
+    "index",
+)
+REQUIRED_META_KEYS = ("fingerprints", "logprob_mode", "config")
+REQUIRED_FINGERPRINTS = ("teacher", "tokenizer", "data", "prompt")
+
+# Attribute of a part's sub-group written LAST by write_part; its presence is what "committed" means.
+PART_COMMIT_ATTR = "kd_part_commit"
+
+# Per-part arrays. Offsets are CSR-style: sample s owns flat rows offsets[s]:offsets[s+1].
+SAMPLE_ID_OFFSETS = "sample_id_offsets"  # int64 [S+1] into sample_id_bytes
+SAMPLE_ID_BYTES = "sample_id_bytes"  # uint8 [Σ len(utf8(sample_id))]
+TOKEN_OFFSETS = "token_offsets"  # int64 [S+1] into input_ids
+INPUT_IDS = "input_ids"  # id_dtype [Σ T]
+TEACHER_TOKEN_OFFSETS = "teacher_token_offsets"  # int64 [S+1] into teacher_input_ids
+TEACHER_INPUT_IDS = "teacher_input_ids"  # id_dtype [Σ Tt]
+LABEL_OFFSETS = "label_offsets"  # int64 [S+1] into the label-position axis N
+LABEL_POSITIONS = "label_positions"  # int32 [N]
+TEACHER_POSITIONS = "teacher_positions"  # int32 [N]
+LABEL_LOGPROBS = "label_logprobs"  # float32 [N]
+TOPK_IDS = "topk_ids"  # id_dtype [N, K]
+TOPK_LOGPROBS = "topk_logprobs"  # logprob_dtype [N, K]
+RELATION_OFFSETS = "relation_offsets"  # int64 [S+1] into relations (element offsets)
+RELATIONS = "relations"  # relations_dtype [Σ 3·A_r·n²], sample s reshaped to [3, A_r, n, n]
+
+OFFSET_ARRAYS = (SAMPLE_ID_OFFSETS, TOKEN_OFFSETS, TEACHER_TOKEN_OFFSETS, LABEL_OFFSETS)
+RELATION_KINDS = ("qq", "kk", "vv")
+
+# Keys of one sample, as given to write_part and as returned by KDCache[i].
+SAMPLE_KEYS = (
+    "sample_id",
+    "input_ids",
+    "teacher_input_ids",
+    "label_positions",
+    "teacher_positions",
+    "topk_ids",
+    "topk_logprobs",
+    "label_logprobs",
+)
+RELATIONS_KEY = "relations"
+
+OFFSET_DTYPE = np.dtype("int64")
+POSITION_DTYPE = np.dtype("int32")
+LABEL_LOGPROB_DTYPE = np.dtype("float32")
+LOGPROB_DTYPES = ("float16", "float32")  # zarr has no bfloat16
+
+# Chunk lengths along the flat axes; chosen so one chunk is ~0.5 MB at K=64/fp16 and a sample read touches
+# one or two chunks.
+TOKEN_CHUNK = 65536
+LABEL_CHUNK = 4096
+RELATION_CHUNK = 262144
+ZSTD_LEVEL = 3
+
+# Tolerances. Logprobs may be slightly positive after fp16 rounding of values near 0; kept mass
+# Σexp(top-K) may exceed 1 by the accumulated fp16 rounding of K entries (≈2e-3 worst case observed).
+MAX_LOGPROB = 1e-3
+KEPT_MASS_TOLERANCE = {"float16": 4e-3, "float32": 1e-3}
+RELATION_ROW_SUM_TOLERANCE = {"float16": 1e-2, "float32": 1e-3}
+
+
+class CacheError(ValueError):
+    """Base class of every error raised by cache_schema."""
+
+
+class IncompleteCacheError(CacheError):
+    """The cache exists but was never finalized (no completion record)."""
+
+
+class CacheFormatError(CacheError):
+    """The path is not a readable kd-topk-cache of a supported version, or its index disagrees with its parts."""
+
+
+class CacheValidationError(CacheError):
+    """A sample or stored array breaks the format's invariants."""
+
+
+class CacheMismatchError(CacheError):
+    """An existing cache was made from other inputs (fingerprints, top_k, layout) than requested."""
+
+
+def id_dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype holding ids in [0, vocab_size)."""
+    if vocab_size <= 0:
+        raise CacheError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size <= 2**16:
+        return np.dtype("uint16")
+    if vocab_size <= 2**32:
+        return np.dtype("uint32")
+    raise CacheError(f"vocab_size {vocab_size} does not fit in uint32 ids")
+
+
+def part_name(part_id: int) -> str:
+    """Zero-padded directory name of a part, e.g. 3 -> '000003'."""
+    return f"{part_id:0{PART_ID_WIDTH}d}"
+
+
+def part_path(part_id: int) -> str:
+    """Path of a part's sub-group relative to the cache root, e.g. 'parts/000003'."""
+    return f"{PARTS_GROUP}/{part_name(part_id)}"

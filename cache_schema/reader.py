@@ -1,0 +1,206 @@
+"""Reading a complete kd-topk-cache: open_cache(path) -> KDCache.
+
+Opening checks the format name and version, the completion record, and that the index agrees with every
+part's commit record and array shapes; it keeps every part's small offset arrays and sample ids in memory.
+Sample reads are contiguous slices of the flat arrays (zarr v3 fancy indexing is slow).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cache_schema import format as fmt
+from cache_schema.cache_state import peek_cache_state, read_part_commit
+from cache_schema.cache_stats import compute_stats
+from cache_schema.cache_validation import validate_cache
+from cache_schema.part_layout import PartOffsets, StorageDtypes, array_order, decode_sample_ids, split_block
+
+_ITER_BLOCK = 256  # samples per read when iterating: amortizes chunk decoding across neighbours
+_FLAT_BY_OFFSETS = {
+    fmt.INPUT_IDS: "tokens", fmt.TEACHER_INPUT_IDS: "teacher_tokens", fmt.LABEL_POSITIONS: "labels",
+    fmt.TEACHER_POSITIONS: "labels", fmt.LABEL_LOGPROBS: "labels", fmt.TOPK_IDS: "labels",
+    fmt.TOPK_LOGPROBS: "labels", fmt.RELATIONS: "relations",
+}
+
+
+@dataclass
+class PartView:
+    """One committed part as the reader sees it: its arrays (zarr handles), offsets and sample ids."""
+
+    part_id: int
+    arrays: dict[str, zarr.Array]
+    offsets: PartOffsets
+    sample_ids: list[str]
+    commit: dict[str, Any]
+
+    def read_block(self, first: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows of every flat array covering local samples [first, stop), one contiguous slice each."""
+        block = {}
+        for name, offsets_name in _FLAT_BY_OFFSETS.items():
+            bounds = getattr(self.offsets, offsets_name)
+            if bounds is None:
+                continue
+            block[name] = self.arrays[name][int(bounds[first]):int(bounds[stop])]
+        return block
+
+
+def _check_header(path: Path) -> dict[str, Any]:
+    """Root metadata of a complete cache of a supported version, else a one-line CacheError."""
+    if not path.exists():
+        raise fmt.CacheFormatError(f"no cache at {path}: the path does not exist (run the teacher-caching stage)")
+    state, meta = peek_cache_state(path)
+    if state in ("absent", "not_a_cache"):
+        raise fmt.CacheFormatError(f"{path} is not a {fmt.FORMAT_NAME} cache (no Zarr v3 group with format={fmt.FORMAT_NAME!r})")
+    assert meta is not None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise fmt.CacheFormatError(f"{path}: unknown format_version {version!r}")
+    if version > fmt.FORMAT_VERSION:
+        raise fmt.CacheFormatError(
+            f"{path} has format_version {version}, newer than this code supports ({fmt.FORMAT_VERSION}); upgrade cache_schema"
+        )
+    if state == "incomplete":
+        raise fmt.IncompleteCacheError(
+            f"cache at {path} is incomplete (no completion record): resume the teacher-caching stage to finish it"
+        )
+    return meta
+
+
+def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: bool) -> PartView:
+    """Open one part and check it against its index entry; CacheFormatError on any disagreement."""
+    commit = read_part_commit(path, part_id)
+    where = f"{path}: part {part_id}"
+    if commit is None or commit != entry:
+        raise fmt.CacheFormatError(f"{where}: commit record {commit!r} disagrees with the index entry {entry!r}")
+    group = zarr.open_group(store=str(path / fmt.part_path(part_id)), mode="r", zarr_format=3)
+    try:
+        arrays = {name: group[name] for name in array_order(has_relations)}
+    except KeyError as error:
+        raise fmt.CacheFormatError(f"{where}: array {error} is missing; the cache is corrupt, rebuild it") from None
+    loaded = {name: arrays[name][:] for name in fmt.OFFSET_ARRAYS}
+    relation_offsets = arrays[fmt.RELATION_OFFSETS][:] if has_relations else None
+    expected_lengths = {
+        fmt.SAMPLE_ID_BYTES: loaded[fmt.SAMPLE_ID_OFFSETS][-1], fmt.INPUT_IDS: entry["num_tokens"],
+        fmt.TEACHER_INPUT_IDS: entry["num_teacher_tokens"], fmt.LABEL_POSITIONS: entry["num_label_positions"],
+        fmt.TEACHER_POSITIONS: entry["num_label_positions"], fmt.LABEL_LOGPROBS: entry["num_label_positions"],
+        fmt.TOPK_IDS: entry["num_label_positions"], fmt.TOPK_LOGPROBS: entry["num_label_positions"],
+    }
+    if has_relations:
+        expected_lengths[fmt.RELATIONS] = entry["num_relation_values"]
+    for name, offsets in list(loaded.items()) + ([(fmt.RELATION_OFFSETS, relation_offsets)] if has_relations else []):
+        if offsets.shape != (entry["num_samples"] + 1,):
+            raise fmt.CacheFormatError(f"{where}: {name} has shape {offsets.shape}, index says {entry['num_samples']} samples")
+    for name, length in expected_lengths.items():
+        if arrays[name].shape[0] != length:
+            raise fmt.CacheFormatError(f"{where}: {name} has {arrays[name].shape[0]} rows, index says {length}")
+    offsets = PartOffsets(
+        tokens=loaded[fmt.TOKEN_OFFSETS], teacher_tokens=loaded[fmt.TEACHER_TOKEN_OFFSETS],
+        labels=loaded[fmt.LABEL_OFFSETS], relations=relation_offsets,
+    )
+    sample_ids = decode_sample_ids(loaded[fmt.SAMPLE_ID_OFFSETS], arrays[fmt.SAMPLE_ID_BYTES][:])
+    return PartView(part_id, arrays, offsets, sample_ids, commit)
+
+
+def open_cache(path: str | os.PathLike) -> "KDCache":
+    """Open a complete cache for reading. Raises CacheFormatError / IncompleteCacheError (ValueErrors)."""
+    root = Path(path)
+    meta = _check_header(root)
+    index = meta.get("index") or {}
+    entries = index.get("parts")
+    if not isinstance(entries, list) or len(entries) != meta.get("num_parts"):
+        raise fmt.CacheFormatError(f"{root}: index lists {len(entries or [])} parts, metadata says {meta.get('num_parts')}")
+    has_relations = bool(meta.get("relations"))
+    parts = [_open_part(root, part_id, entry, has_relations) for part_id, entry in enumerate(entries)]
+    return KDCache(root, meta, parts)
+
+
+class KDCache:
+    """A complete cache: a sequence of samples ordered by part, then by order within the part.
+
+    `cache[i]` is a dict with sample_id (str), input_ids [T], teacher_input_ids [Tt], label_positions [n],
+    teacher_positions [n] (int64), topk_ids [n, K] (int64), topk_logprobs [n, K], label_logprobs [n]
+    (float32) and, when `has_relations`, relations [3, A_r, n, n] (float32).
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], parts: list[PartView]) -> None:
+        self.path = path
+        self.meta = meta
+        self.parts = parts
+        self.dtypes = StorageDtypes.from_meta(meta)
+        # part_starts[k] = global index of part k's first sample; used to map a global index to its part.
+        self._part_starts: list[int] = np.concatenate([[0], np.cumsum([len(p.sample_ids) for p in parts])]).astype(int).tolist()
+        self.sample_ids: list[str] = [sample_id for part in parts for sample_id in part.sample_ids]
+        totals = meta["index"]["totals"]
+        self.num_tokens: int = int(totals["num_tokens"])
+        self.num_teacher_tokens: int = int(totals["num_teacher_tokens"])
+        self.num_label_positions: int = int(totals["num_label_positions"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.meta["top_k"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def has_relations(self) -> bool:
+        return bool(self.meta.get("relations"))
+
+    def __len__(self) -> int:
+        return self._part_starts[-1]
+
+    def __repr__(self) -> str:
+        return f"KDCache({str(self.path)!r}, samples={len(self)}, K={self.top_k}, parts={len(self.parts)})"
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        part_index = bisect.bisect_right(self._part_starts, index) - 1
+        return part_index, index - self._part_starts[part_index]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not isinstance(index, (int, np.integer)):
+            raise TypeError(f"cache indices must be integers, got {type(index).__name__}; use read_range for slices")
+        length = len(self)
+        position = int(index) + length if index < 0 else int(index)
+        if not 0 <= position < length:
+            raise IndexError(f"sample index {index} out of range for a cache of {length} samples")
+        return self.read_range(position, position + 1)[0]
+
+    def read_range(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """Samples [start, stop) in order, reading one contiguous slice per array per part touched."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"range [{start}, {stop}) out of bounds for a cache of {len(self)} samples")
+        samples: list[dict[str, Any]] = []
+        position = start
+        while position < stop:
+            part_index, local = self._locate(position)
+            part = self.parts[part_index]
+            local_stop = min(len(part.sample_ids), local + (stop - position))
+            block = part.read_block(local, local_stop)
+            samples += split_block(block, part.offsets, local, local_stop, part.sample_ids, self.dtypes.num_relation_heads)
+            position += local_stop - local
+        return samples
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for block_start in range(0, len(self), _ITER_BLOCK):
+            yield from self.read_range(block_start, min(len(self), block_start + _ITER_BLOCK))
+
+    def bytes_on_disk(self) -> int:
+        """Sum of the sizes of every file under the cache directory."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def stats(self) -> dict[str, Any]:
+        """Summary for `inspect-cache`: counts, bytes on disk, kept-mass Σexp(top-K) distribution."""
+        return compute_stats(self)
+
+    def validate(self, deep: bool = True) -> None:
+        """Raise CacheValidationError listing the first problems (see cache_schema.cache_validation)."""
+        validate_cache(self, deep=deep)

@@ -1,0 +1,190 @@
+"""Invariants of one sample, shared by the writer (checked before anything is written) and by
+KDCache.validate(deep=True) (checked on what was read back).
+
+The alignment convention checked here is the format's central contract (see README.md): for each distilled
+pair j, the teacher distribution in row j predicts token input_ids[label_positions[j]], which is the same
+token as teacher_input_ids[teacher_positions[j]].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cache_schema.format import (
+    KEPT_MASS_TOLERANCE,
+    MAX_LOGPROB,
+    RELATION_KINDS,
+    RELATION_ROW_SUM_TOLERANCE,
+    RELATIONS_KEY,
+    SAMPLE_KEYS,
+    CacheValidationError,
+)
+
+_INT_KEYS = ("input_ids", "teacher_input_ids", "label_positions", "teacher_positions", "topk_ids")
+_FLOAT_KEYS = ("topk_logprobs", "label_logprobs", RELATIONS_KEY)
+
+
+@dataclass(frozen=True)
+class SampleRules:
+    """What a sample must satisfy in one cache: vocabulary, K, relations layout and float tolerances."""
+
+    vocab_size: int
+    top_k: int
+    num_relation_heads: int | None  # None: the cache has no relations, samples must not carry them
+    kept_mass_tolerance: float = KEPT_MASS_TOLERANCE["float32"]
+    relation_row_tolerance: float = RELATION_ROW_SUM_TOLERANCE["float32"]
+
+
+def _as_array(name: str, value: Any, sample_id: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.size == 0 and array.dtype == np.float64 and name in _INT_KEYS:
+        array = array.astype(np.int64)  # np.asarray([]) is float64; an empty id list is still ids
+    if name in _INT_KEYS and not np.issubdtype(array.dtype, np.integer):
+        raise CacheValidationError(f"sample {sample_id!r}: {name} must hold integers, got dtype {array.dtype}")
+    if name in _INT_KEYS:
+        array = array.astype(np.int64, copy=False)  # unsigned inputs would wrap in np.diff / range checks
+    if name in _FLOAT_KEYS and not (np.issubdtype(array.dtype, np.floating) or array.size == 0):
+        raise CacheValidationError(f"sample {sample_id!r}: {name} must hold floats, got dtype {array.dtype}")
+    return array
+
+
+def coerce_sample(sample: Mapping[str, Any], rules: SampleRules) -> dict[str, Any]:
+    """Check a sample's keys and shapes and return it as numpy arrays.
+
+    Shapes: input_ids [T], teacher_input_ids [Tt], label_positions/teacher_positions/label_logprobs [n],
+    topk_ids/topk_logprobs [n, K], relations [3, A_r, n, n]. Raises CacheValidationError naming the sample.
+    """
+    sample_id = sample.get("sample_id")
+    if not isinstance(sample_id, str) or not sample_id:
+        raise CacheValidationError(f"sample_id must be a non-empty str, got {sample_id!r}")
+    expected = set(SAMPLE_KEYS) | ({RELATIONS_KEY} if rules.num_relation_heads is not None else set())
+    missing, unknown = sorted(expected - set(sample)), sorted(set(sample) - expected)
+    if missing or unknown:
+        hint = " (this cache has no relations group)" if RELATIONS_KEY in unknown else ""
+        raise CacheValidationError(
+            f"sample {sample_id!r}: missing keys {missing}, unexpected keys {unknown}{hint}; "
+            f"a sample holds exactly {sorted(expected)}"
+        )
+    arrays: dict[str, Any] = {"sample_id": sample_id}
+    for name in sorted(expected - {"sample_id"}):
+        arrays[name] = _as_array(name, sample[name], sample_id)
+    num_pairs = arrays["label_positions"].shape[0] if arrays["label_positions"].ndim == 1 else -1
+    for name in ("topk_ids", "topk_logprobs"):
+        if arrays[name].size == 0 and num_pairs == 0:
+            arrays[name] = arrays[name].reshape(0, rules.top_k)
+    if RELATIONS_KEY in arrays and arrays[RELATIONS_KEY].size == 0 and num_pairs == 0:
+        arrays[RELATIONS_KEY] = arrays[RELATIONS_KEY].reshape(len(RELATION_KINDS), rules.num_relation_heads, 0, 0)
+    shape_problem = _shape_problem(arrays, rules)
+    if shape_problem:
+        raise CacheValidationError(f"sample {sample_id!r}: {shape_problem}")
+    return arrays
+
+
+def _shape_problem(arrays: Mapping[str, Any], rules: SampleRules) -> str | None:
+    """First shape inconsistency of a coerced sample, or None."""
+    for name in ("input_ids", "teacher_input_ids", "label_positions", "teacher_positions", "label_logprobs"):
+        if arrays[name].ndim != 1:
+            return f"{name} must be 1-D, got shape {arrays[name].shape}"
+    if arrays["input_ids"].shape[0] == 0:
+        return "input_ids is empty"
+    n = arrays["label_positions"].shape[0]
+    for name in ("teacher_positions", "label_logprobs"):
+        if arrays[name].shape != (n,):
+            return f"{name} has shape {arrays[name].shape}, expected ({n},) like label_positions"
+    for name in ("topk_ids", "topk_logprobs"):
+        if arrays[name].shape != (n, rules.top_k):
+            return f"{name} has shape {arrays[name].shape}, expected [n, K] = ({n}, {rules.top_k})"
+    if RELATIONS_KEY in arrays:
+        want = (len(RELATION_KINDS), rules.num_relation_heads, n, n)
+        if arrays[RELATIONS_KEY].shape != want:
+            return f"relations has shape {arrays[RELATIONS_KEY].shape}, expected [3, A_r, n, n] = {want}"
+    return None
+
+
+def _id_problems(arrays: Mapping[str, Any], vocab_size: int) -> list[str]:
+    problems = []
+    for name in ("input_ids", "teacher_input_ids", "topk_ids"):
+        ids = arrays[name]
+        bad = int(np.count_nonzero((ids < 0) | (ids >= vocab_size)))
+        if bad:
+            problems.append(f"{name}: {bad} id(s) outside [0, {vocab_size}) (max {int(ids.max())})")
+    return problems
+
+
+def _alignment_problems(arrays: Mapping[str, Any]) -> list[str]:
+    """Positions in range, strictly increasing, and the token-equality invariant of paired positions."""
+    problems = []
+    positions, teacher_positions = arrays["label_positions"], arrays["teacher_positions"]
+    limits = {"label_positions": arrays["input_ids"].shape[0], "teacher_positions": arrays["teacher_input_ids"].shape[0]}
+    for name, values in (("label_positions", positions), ("teacher_positions", teacher_positions)):
+        if values.size == 0:
+            continue
+        if values.min() < 1 or values.max() >= limits[name]:
+            problems.append(
+                f"{name} out of range: need 1 <= p < {limits[name]}, got min {values.min()} max {values.max()}"
+            )
+        if np.any(np.diff(values) <= 0):
+            problems.append(f"{name} not strictly increasing")
+    if problems or positions.size == 0:
+        return problems
+    student_tokens = arrays["input_ids"][positions]
+    teacher_tokens = arrays["teacher_input_ids"][teacher_positions]
+    mismatched = np.flatnonzero(student_tokens != teacher_tokens)
+    if mismatched.size:
+        j = int(mismatched[0])
+        problems.append(
+            f"token mismatch at {mismatched.size} pair(s): first pair {j}: input_ids[{positions[j]}]="
+            f"{student_tokens[j]} but teacher_input_ids[{teacher_positions[j]}]={teacher_tokens[j]}"
+        )
+    return problems
+
+
+def _logprob_problems(arrays: Mapping[str, Any], rules: SampleRules) -> list[str]:
+    problems = []
+    topk = np.asarray(arrays["topk_logprobs"], dtype=np.float32)
+    labels = np.asarray(arrays["label_logprobs"], dtype=np.float32)
+    for name, values in (("topk_logprobs", topk), ("label_logprobs", labels)):
+        if not np.all(np.isfinite(values)):
+            problems.append(f"{name}: {int(np.count_nonzero(~np.isfinite(values)))} non-finite value(s) (NaN/inf)")
+        elif values.size and values.max() > MAX_LOGPROB:
+            problems.append(f"{name}: positive logprob {float(values.max()):.4g} (must be <= 0)")
+    if problems or topk.shape[0] == 0:
+        return problems
+    unsorted_rows = np.flatnonzero(np.any(np.diff(topk, axis=1) > 0, axis=1))
+    if unsorted_rows.size:
+        problems.append(f"topk rows not sorted by descending logprob: {unsorted_rows.size} row(s), first row {unsorted_rows[0]}")
+    kept_mass = np.exp(topk.astype(np.float64)).sum(axis=1)
+    if kept_mass.max() > 1.0 + rules.kept_mass_tolerance:
+        row = int(kept_mass.argmax())
+        problems.append(f"kept mass Σexp(top-K) > 1: {kept_mass.max():.6f} at row {row}")
+    return problems
+
+
+def _relation_problems(arrays: Mapping[str, Any], rules: SampleRules) -> list[str]:
+    if RELATIONS_KEY not in arrays:
+        return []
+    relations = np.asarray(arrays[RELATIONS_KEY], dtype=np.float64)  # [3, A_r, n, n]
+    if relations.size == 0:
+        return []
+    if not np.all(np.isfinite(relations)):
+        return ["relations: non-finite value(s) (NaN/inf)"]
+    if relations.min() < 0:
+        return [f"relations: negative value {relations.min():.4g}"]
+    row_error = np.abs(relations.sum(axis=-1) - 1.0).max()
+    if row_error > rules.relation_row_tolerance:
+        return [f"relations rows do not sum to 1 (max error {row_error:.4g})"]
+    return []
+
+
+def sample_problems(arrays: Mapping[str, Any], rules: SampleRules) -> list[str]:
+    """All value-level problems of a coerced sample (empty list when the sample is valid)."""
+    return (
+        _id_problems(arrays, rules.vocab_size)
+        + _alignment_problems(arrays)
+        + _logprob_problems(arrays, rules)
+        + _relation_problems(arrays, rules)
+    )

@@ -1,0 +1,303 @@
+"""Writing a kd-topk-cache: CacheWriter (root creation, resume, finalize) and write_part (one part, callable
+from any process).
+
+Protocol (README.md, "Parts and commits"): the root group and its metadata are created first; each part is
+written into its own sub-group `parts/<part_id>` and committed by writing its commit record LAST (an attribute
+of the part's group; zarr >= 3.1.3 replaces zarr.json atomically). A part without a commit record is garbage
+and is deleted before being rewritten. The completion record (`completed_at` + `index`) is written to the root
+attributes LAST, only once every part is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import zarr
+from zarr.codecs import ZstdCodec
+
+from cache_schema import format as fmt
+from cache_schema.cache_state import peek_cache_state, read_part_commit, read_root_meta
+from cache_schema.part_layout import StorageDtypes, array_order, chunk_shape, decode_sample_ids, pack_samples, part_checksum
+from cache_schema.sample_checks import SampleRules, coerce_sample, sample_problems
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def rules_from_meta(meta: Mapping[str, Any]) -> SampleRules:
+    """Sample invariants of a cache, from its root metadata (tolerances follow the storage dtypes)."""
+    relations = meta.get("relations")
+    return SampleRules(
+        vocab_size=int(meta["vocab_size"]),
+        top_k=int(meta["top_k"]),
+        num_relation_heads=int(relations["num_relation_heads"]) if relations else None,
+        kept_mass_tolerance=fmt.KEPT_MASS_TOLERANCE[meta["logprob_dtype"]],
+        relation_row_tolerance=fmt.RELATION_ROW_SUM_TOLERANCE[relations["dtype"]] if relations else 0.0,
+    )
+
+
+def _check_relations_spec(relations: Mapping[str, Any] | None, relations_dtype: str) -> dict[str, Any] | None:
+    if relations is None:
+        return None
+    unknown = sorted(set(relations) - {"layer", "num_relation_heads"})
+    if unknown or not isinstance(relations.get("layer"), int) or not isinstance(relations.get("num_relation_heads"), int):
+        raise fmt.CacheError(
+            f"relations must be {{'layer': int, 'num_relation_heads': int}}, got {dict(relations)!r}"
+        )
+    if relations["num_relation_heads"] < 1:
+        raise fmt.CacheError(f"relations.num_relation_heads must be >= 1, got {relations['num_relation_heads']}")
+    if relations_dtype not in fmt.LOGPROB_DTYPES:
+        raise fmt.CacheError(f"relations_dtype must be one of {fmt.LOGPROB_DTYPES}, got {relations_dtype!r}")
+    return {**relations, "kinds": list(fmt.RELATION_KINDS), "dtype": relations_dtype}
+
+
+def _check_user_meta(meta: Mapping[str, Any], writer_meta: Mapping[str, Any]) -> None:
+    """Required keys present, JSON-able, and no writer-owned key set to a different value."""
+    missing = [key for key in fmt.REQUIRED_META_KEYS if key not in meta]
+    if missing:
+        raise fmt.CacheError(f"cache meta is missing key(s) {missing}; it needs {list(fmt.REQUIRED_META_KEYS)}")
+    fingerprints = meta["fingerprints"]
+    if not isinstance(fingerprints, Mapping) or any(k not in fingerprints for k in fmt.REQUIRED_FINGERPRINTS):
+        raise fmt.CacheError(
+            f"cache meta['fingerprints'] must be a dict with keys {list(fmt.REQUIRED_FINGERPRINTS)}, got {fingerprints!r}"
+        )
+    for key in fmt.WRITER_KEYS:
+        if key in meta and meta[key] != writer_meta.get(key):
+            raise fmt.CacheError(
+                f"cache meta key {key!r}={meta[key]!r} conflicts with the writer's value {writer_meta.get(key)!r}; "
+                "drop it from meta (the writer records it)"
+            )
+    try:
+        json.dumps(dict(meta), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise fmt.CacheError(f"cache meta must be JSON-serializable (resolve configs to plain dicts): {error}") from None
+
+
+def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two caches the same product: compared for both complete and incomplete caches."""
+    relations = meta.get("relations") or {}
+    return {
+        "fingerprints": meta.get("fingerprints"),
+        "top_k": meta.get("top_k"),
+        "relations.layer": relations.get("layer"),
+        "relations.num_relation_heads": relations.get("num_relation_heads"),
+    }
+
+
+def _layout(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What a resumed (incomplete) cache must also share, because parts already written depend on it."""
+    return {key: meta.get(key) for key in ("format_version", "num_parts", "vocab_size", "id_dtype", "logprob_dtype")} | {
+        "relations.dtype": (meta.get("relations") or {}).get("dtype")
+    }
+
+
+def _first_difference(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    for key in wanted:
+        if existing.get(key) != wanted[key]:
+            return f"{key}: existing {existing.get(key)!r} vs requested {wanted[key]!r}"
+    return None
+
+
+class CacheWriter:
+    """Creates (or resumes) a cache at `path` whose samples are written in `num_parts` parts.
+
+    Use as a context manager; inside, `pending_parts()` lists the parts still to write, `write_part` (this
+    module, any process) writes one, and `finalize()` writes the completion record. `already_complete` is
+    True when a complete cache with the same fingerprints and top_k already exists (nothing to do).
+    `relations`, when given as {"layer": int, "num_relation_heads": int}, makes every sample carry
+    `relations` [3, A_r, n, n].
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, meta: Mapping[str, Any], num_parts: int, *, top_k: int, vocab_size: int,
+        overwrite: bool = False, logprob_dtype: str = "float16", relations: Mapping[str, Any] | None = None,
+        relations_dtype: str = "float16",
+    ) -> None:
+        if not 1 <= num_parts <= fmt.MAX_PARTS:
+            raise fmt.CacheError(f"num_parts must be in [1, {fmt.MAX_PARTS}], got {num_parts}")
+        if top_k < 1:
+            raise fmt.CacheError(f"top_k must be >= 1, got {top_k}")
+        if logprob_dtype not in fmt.LOGPROB_DTYPES:
+            raise fmt.CacheError(f"logprob_dtype must be one of {fmt.LOGPROB_DTYPES}, got {logprob_dtype!r}")
+        self.path = Path(path)
+        self.num_parts = num_parts
+        self.overwrite = overwrite
+        self.already_complete = False
+        writer_meta = {
+            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "num_parts": num_parts,
+            "vocab_size": int(vocab_size), "top_k": int(top_k), "id_dtype": fmt.id_dtype_for_vocab(vocab_size).name,
+            "position_dtype": fmt.POSITION_DTYPE.name, "logprob_dtype": logprob_dtype,
+            "label_logprob_dtype": fmt.LABEL_LOGPROB_DTYPE.name,
+            "relations": _check_relations_spec(relations, relations_dtype),
+        }
+        _check_user_meta(meta, writer_meta)
+        self.meta: dict[str, Any] = {**dict(meta), **writer_meta}
+
+    def __enter__(self) -> "CacheWriter":
+        state, existing = peek_cache_state(self.path)
+        if state == "not_a_cache":
+            raise fmt.CacheError(
+                f"{self.path} exists and is not a {fmt.FORMAT_NAME} cache; refusing to write into or delete it "
+                "(choose a new or empty directory)"
+            )
+        if state != "absent" and self.overwrite:
+            shutil.rmtree(self.path)
+            state, existing = "absent", None
+        if state == "absent":
+            self._create_root()
+            return self
+        assert existing is not None
+        difference = _first_difference(_identity(existing), _identity(self.meta))
+        if difference is None and state == "incomplete":
+            difference = _first_difference(_layout(existing), _layout(self.meta))
+        if difference is not None:
+            raise fmt.CacheMismatchError(
+                f"{state} cache at {self.path} was made from other inputs ({difference}); "
+                "pass overwrite=True or choose another path"
+            )
+        self.already_complete = state == "complete"
+        self.meta = existing
+        zarr.open_group(store=str(self.path), mode="a", zarr_format=3).require_group(fmt.PARTS_GROUP)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        return None  # finalize is explicit: leaving the block early must not mark the cache complete
+
+    def _create_root(self) -> None:
+        self.meta["created_at"] = _utc_now()
+        root = zarr.create_group(store=str(self.path), attributes=self.meta, zarr_format=3)
+        root.create_group(fmt.PARTS_GROUP)
+
+    def pending_parts(self) -> list[int]:
+        """Ids of parts not yet committed; deletes their uncommitted leftovers. Call before dispatching work."""
+        if self.already_complete:
+            return []
+        pending = []
+        for part_id in range(self.num_parts):
+            if read_part_commit(self.path, part_id) is None:
+                shutil.rmtree(self.path / fmt.part_path(part_id), ignore_errors=True)
+                pending.append(part_id)
+        return pending
+
+    def write_part(self, part_id: int, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Same as the module-level write_part on this writer's path."""
+        return write_part(self.path, part_id, samples)
+
+    def finalize(self) -> dict[str, Any]:
+        """Check every part is committed and sample ids are unique, then write the completion record LAST.
+
+        Returns the index ({"parts": [...], "totals": {...}}). A no-op on an already complete cache.
+        """
+        if self.already_complete:
+            return self.meta["index"]
+        commits = [read_part_commit(self.path, part_id) for part_id in range(self.num_parts)]
+        missing = [part_id for part_id, commit in enumerate(commits) if commit is None]
+        if missing:
+            raise fmt.IncompleteCacheError(
+                f"cannot finalize {self.path}: {len(missing)} of {self.num_parts} part(s) not committed "
+                f"(first: {missing[:5]}); write them, then finalize again"
+            )
+        self._check_unique_sample_ids()
+        totals = {key: sum(int(c[key]) for c in commits) for key in _COUNT_KEYS}
+        index = {"parts": commits, "totals": totals}
+        root = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
+        root.attrs.update({"index": index, "completed_at": _utc_now()})
+        self.meta = dict(root.attrs)
+        return index
+
+    def _check_unique_sample_ids(self) -> None:
+        seen: dict[str, int] = {}
+        for part_id in range(self.num_parts):
+            group = zarr.open_group(store=str(self.path / fmt.part_path(part_id)), mode="r", zarr_format=3)
+            ids = decode_sample_ids(group[fmt.SAMPLE_ID_OFFSETS][:], group[fmt.SAMPLE_ID_BYTES][:])
+            for sample_id in ids:
+                if sample_id in seen:
+                    raise fmt.CacheValidationError(
+                        f"sample id {sample_id!r} appears in part {seen[sample_id]} and part {part_id}; "
+                        "sample ids must be unique across the cache"
+                    )
+                seen[sample_id] = part_id
+
+
+_COUNT_KEYS = ("num_samples", "num_tokens", "num_teacher_tokens", "num_label_positions", "num_relation_values")
+
+
+def _load_writable_meta(path: Path, part_id: int) -> dict[str, Any]:
+    meta = read_root_meta(path)
+    if meta is None:
+        raise fmt.CacheFormatError(f"{path} is not a {fmt.FORMAT_NAME} cache; create it with CacheWriter first")
+    if meta.get("format_version") != fmt.FORMAT_VERSION:
+        raise fmt.CacheFormatError(
+            f"{path} has format_version {meta.get('format_version')!r}; this code writes version {fmt.FORMAT_VERSION}"
+        )
+    if meta.get("completed_at"):
+        raise fmt.CacheError(f"{path} is already complete; refusing to write part {part_id}")
+    if not isinstance(part_id, int) or not 0 <= part_id < int(meta["num_parts"]):
+        raise fmt.CacheError(f"part_id {part_id!r} out of range: {path} has num_parts={meta['num_parts']}")
+    return meta
+
+
+def _coerce_all(samples: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], part_id: int) -> list[dict[str, Any]]:
+    """Validate every sample before anything is written; the first bad sample raises, naming its id."""
+    rules = rules_from_meta(meta)
+    coerced, seen = [], set()
+    for sample in samples:
+        arrays = coerce_sample(sample, rules)
+        problems = sample_problems(arrays, rules)
+        if problems:
+            raise fmt.CacheValidationError(
+                f"part {part_id}: sample {arrays['sample_id']!r} is invalid: " + "; ".join(problems)
+            )
+        if arrays["sample_id"] in seen:
+            raise fmt.CacheValidationError(f"part {part_id}: sample id {arrays['sample_id']!r} appears twice")
+        seen.add(arrays["sample_id"])
+        coerced.append(arrays)
+    return coerced
+
+
+def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Validate `samples`, write them as part `part_id` of the cache at `path`, then commit the part.
+
+    Safe to call concurrently from several processes for DIFFERENT part ids (each part owns its own arrays);
+    never call it twice at once for the same part. Refuses to overwrite a committed part. Uncommitted
+    leftovers of this part (from a crashed run) are deleted first. Returns the commit record.
+    """
+    path = Path(path)
+    meta = _load_writable_meta(path, part_id)
+    if read_part_commit(path, part_id) is not None:
+        raise fmt.CacheError(f"part {part_id} of {path} is already committed; refusing to overwrite it")
+    coerced = _coerce_all(samples, meta, part_id)
+    dtypes = StorageDtypes.from_meta(meta)
+    packed = pack_samples(coerced, dtypes, int(meta["top_k"]))
+    has_relations = dtypes.relations is not None
+
+    part_dir = path / fmt.part_path(part_id)
+    shutil.rmtree(part_dir, ignore_errors=True)
+    group = zarr.create_group(store=str(part_dir), attributes={"part_id": part_id}, zarr_format=3)
+    for name in array_order(has_relations):
+        data = packed[name]
+        array = group.create_array(
+            name, shape=data.shape, dtype=data.dtype, chunks=chunk_shape(name, data.shape),
+            compressors=ZstdCodec(level=fmt.ZSTD_LEVEL), fill_value=0,
+        )
+        if data.size:
+            array[...] = data
+    commit = {
+        "part_id": part_id,
+        "num_samples": len(coerced),
+        "num_tokens": int(packed[fmt.TOKEN_OFFSETS][-1]),
+        "num_teacher_tokens": int(packed[fmt.TEACHER_TOKEN_OFFSETS][-1]),
+        "num_label_positions": int(packed[fmt.LABEL_OFFSETS][-1]),
+        "num_relation_values": int(packed[fmt.RELATION_OFFSETS][-1]) if has_relations else 0,
+        "checksum": part_checksum(packed, has_relations),
+        "committed_at": _utc_now(),
+    }
+    group.attrs.update({fmt.PART_COMMIT_ATTR: commit})  # LAST: this write is what makes the part exist
+    return commit

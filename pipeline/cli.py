@@ -1,0 +1,104 @@
+"""The ``pipeline`` command line: a click group whose commands run the stages.
+
+User errors (config, data, cache) print one line ``error: ...`` on stderr and exit with code 2, without a
+traceback; see :mod:`pipeline.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from pipeline.errors import UserError
+
+CONFIG_HELP = "Config file path, or a bare name from configs/ (e.g. tiny.yaml)."
+OVERRIDES_HELP = "key.sub=value overrides applied after the config file (OmegaConf dotlist)."
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is shown to the user as one line (exit 2)."""
+    from cache_schema import CacheError
+
+    types: list[type[BaseException]] = [UserError, CacheError]
+    try:
+        from stages.teacher.scoring import BackendUnavailableError, TeacherConfigError
+
+        types += [BackendUnavailableError, TeacherConfigError]
+    except ImportError:  # the teacher package is optional for commands that never score
+        pass
+    return tuple(types)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Offline knowledge distillation from cached teacher top-K logprobs."""
+
+
+@cli.command("show-config")
+@click.option("--config", "config_name", required=True, help=CONFIG_HELP)
+@click.argument("overrides", nargs=-1)
+def show_config(config_name: str, overrides: tuple[str, ...]) -> None:
+    """Print the fully resolved config (defaults, base chain, file, overrides) as YAML."""
+    from pipeline.config_loader import config_to_yaml, load_config
+
+    click.echo(config_to_yaml(load_config(config_name, overrides)), nl=False)
+
+
+@cli.command("inspect-cache")
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--validate/--no-validate", default=False, help="Also run deep validation of every sample.")
+def inspect_cache(path: str, as_json: bool, validate: bool) -> None:
+    """Summarise a teacher cache: samples, tokens, K, bytes per token, fingerprints, kept mass."""
+    from pipeline.inspect import cache_summary, format_summary
+
+    summary = cache_summary(path, validate=validate)
+    click.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else format_summary(summary))
+
+
+@cli.command("cache-teacher")
+@click.option("--config", "config_name", required=True, help=CONFIG_HELP)
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="dask LocalCluster worker processes (one engine and, where GPUs exist, one GPU each); "
+                   "0 scores in this process without dask.")
+@click.option("--scheduler", default=None, help="Address of an existing dask scheduler to run the shards on.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other fingerprints.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.argument("overrides", nargs=-1)
+def cache_teacher_command(config_name: str, workers: int, scheduler: str | None, overwrite: bool, progress: bool,
+                          overrides: tuple[str, ...]) -> None:
+    """Stage one: score the samples with the teacher and write the top-K cache (resumable)."""
+    from pipeline.config_loader import load_config
+    from stages.cache_teacher import cache_teacher
+
+    cfg = load_config(config_name, overrides)
+    cache_teacher(cfg, workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress,
+                  echo=click.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the group, turning user errors into one line and exit code 2."""
+    user_errors = _user_error_types()
+    try:
+        cli.main(args=argv, prog_name="pipeline", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except user_errors as exc:
+        click.echo(f"error: {_first_line(exc)}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

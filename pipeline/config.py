@@ -1,0 +1,264 @@
+"""Typed configuration: one dataclass per section, a docstring per field, validation in one place.
+
+The YAML files in ``configs/`` are merged onto these dataclasses by :mod:`pipeline.config_loader` (OmegaConf
+structured configs), which rejects unknown keys and wrong types. Semantic checks (ranges, allowed values,
+combinations) live in :func:`validate_config` and nowhere else.
+
+Stable keys (other tools rely on them): ``teacher.model``, ``teacher.backend``, ``teacher.top_k``,
+``student.model``, ``data.train``, ``data.num_fewshot``, ``cache.path``, ``train.output_dir``,
+``train.max_steps``, ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+from pipeline.errors import ConfigError
+
+TEACHER_BACKENDS = ("vllm", "hf")
+STUDENT_MODES = ("lora", "full")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+LOGPROB_MODES = ("raw_logprobs",)
+ON_ERROR_POLICIES = ("fail", "skip")
+CACHE_LOGPROB_DTYPES = ("float16", "float32")
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "mse_topk")
+TOPK_HANDLING = ("tail", "renormalize")
+
+
+@dataclass
+class RelationConfig:
+    """Attention-relation targets (MiniLMv2 / BitDistill); ``hf`` teacher backend only."""
+
+    enabled: bool = False
+    """Compute and cache Q-Q, K-K and V-V relation matrices over the answer span."""
+    layer: int = -1
+    """Teacher layer whose q/k/v projections are used (negative counts from the last layer)."""
+    num_heads: int = 8
+    """Relation heads A_r: projections are re-split into A_r heads of width d_r = width / A_r."""
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher model and how stage one runs it."""
+
+    model: str = MISSING
+    """HF hub id or local directory of the teacher."""
+    backend: str = "vllm"
+    """Scoring engine: ``vllm`` (offline LLM, prompt_logprobs) or ``hf`` (transformers forward)."""
+    top_k: int = 64
+    """K: how many of the teacher's most likely next tokens are cached per distilled position."""
+    dtype: str = "auto"
+    """Compute dtype: ``auto`` (bf16 on GPU; bf16 for vllm and fp32 for hf on CPU), or an explicit dtype."""
+    logprob_mode: str = "raw_logprobs"
+    """Cached logprobs are the full-vocabulary log-softmax of the raw logits at temperature 1."""
+    max_batch_tokens: int = 8192
+    """``hf``: token budget of one forward batch (length-sorted)."""
+    logprob_chunk: int = 1024
+    """``hf``: rows per lm_head / log_softmax / top-K chunk at scored positions (bounds fp32 logits memory)."""
+    tensor_parallel_size: int = 1
+    """``vllm``: GPUs per engine."""
+    gpu_memory_utilization: float = 0.85
+    """``vllm``: fraction of GPU memory the engine may take."""
+    max_num_batched_tokens: Optional[int] = None
+    """``vllm``: scheduler token budget per step (None: the engine's default)."""
+    max_model_len: Optional[int] = None
+    """``vllm``: context length the engine reserves (None: the model's own)."""
+    attention: RelationConfig = field(default_factory=RelationConfig)
+    """Optional attention-relation targets."""
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA adapter settings (``student.mode: lora``)."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator (effective scale alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get adapters."""
+
+
+@dataclass
+class StudentConfig:
+    """The student model and how it is trained."""
+
+    model: str = MISSING
+    """HF hub id or local directory of the student's initial weights."""
+    mode: str = "lora"
+    """``lora`` (adapters on a frozen base) or ``full`` (every weight trains). Quantized modes come later."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA settings (used when mode is ``lora``)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from and how prompts are built."""
+
+    train: str = MISSING
+    """Training samples: a local JSONL / parquet file, or a HF dataset name (machines with internet only)."""
+    validation: Optional[str] = None
+    """Held-out samples for validation (cached too); None: no validation set."""
+    test: Optional[str] = None
+    """Test problems for evaluation by generation."""
+    dataset_config: Optional[str] = None
+    """HF dataset config name (``main`` for openai/gsm8k)."""
+    fewshot_pool: Optional[str] = None
+    """Where worked examples for the teacher come from (None: the training samples)."""
+    num_fewshot: int = 0
+    """Worked examples shown to the teacher before each question (0: teacher input equals student input)."""
+    max_seq_len: int = 2048
+    """Longest student sequence; longer few-shot teacher contexts drop shots first, then the sample is skipped."""
+    max_teacher_len: Optional[int] = None
+    """Longest teacher sequence (None: no limit beyond the engine's); shots are dropped to fit."""
+    max_samples: Optional[int] = None
+    """Use only the first N training samples (None: all)."""
+    on_error: str = "fail"
+    """Malformed rows: ``fail`` (stop, naming file:line) or ``skip`` (skip and count)."""
+
+
+@dataclass
+class CacheConfig:
+    """Where and how the teacher cache is written."""
+
+    path: str = MISSING
+    """Directory of the Zarr v3 cache."""
+    shard_size: int = 256
+    """Samples per part: the unit of parallel work and of resumption."""
+    logprob_dtype: str = "float16"
+    """Storage dtype of top-K logprobs: ``float16`` (half the bytes) or ``float32`` (exact)."""
+
+
+@dataclass
+class TrainConfig:
+    """Stage two: optimisation, losses, logging and checkpoints."""
+
+    output_dir: str = MISSING
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard logs, final model."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Samples per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps before the cosine decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    kd_weight: float = 1.0
+    """Weight of the distillation term."""
+    ce_weight: float = 0.0
+    """Weight of the cross-entropy term on the actual tokens."""
+    kd_kind: str = "forward_kl"
+    """Distillation loss: forward_kl, reverse_kl, jsd, mse_topk."""
+    jsd_beta: float = 0.5
+    """Generalized JSD interpolation (0: forward KL, 1: reverse KL)."""
+    temperature: float = 1.0
+    """Softening temperature applied to both sides."""
+    temperature_squared: bool = True
+    """Multiply the KD term by temperature² (Hinton); TRL and Liger do not."""
+    topk_handling: str = "tail"
+    """``tail`` (K+1-th bucket with the remaining mass) or ``renormalize`` (both over the top-K ids)."""
+    eval_every: int = 50
+    """Validation every N steps (0: never)."""
+    save_every: int = 50
+    """Checkpoint every N steps (0: only at the end)."""
+    log_every: int = 10
+    """Log scalars every N steps."""
+    num_validation_samples: int = 64
+    """Cache samples held out for validation when no validation cache exists."""
+
+
+@dataclass
+class Config:
+    """A whole run: teacher, student, data, cache and training settings."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The teacher and stage one's engine."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """The student and its training mode."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Samples and prompt recipe."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The teacher cache."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Stage two."""
+    seed: int = 0
+    """Seed for shot drawing, shuffling and initialisation."""
+    name: str = "run"
+    """A short name for logs and reports."""
+
+
+def _check(ok: bool, source: str, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(source, key, problem)
+
+
+def _one_of(value: str, allowed: tuple, source: str, key: str) -> None:
+    _check(value in allowed, source, key, f"must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _positive(value: float, source: str, key: str, allow_zero: bool = False) -> None:
+    finite = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = finite and (value >= 0 if allow_zero else value > 0)
+    _check(ok, source, key, f"must be a finite number {'>= 0' if allow_zero else '> 0'} (got {value!r})")
+
+
+def validate_config(cfg: Config, source: str = "<config>") -> Config:
+    """Check ranges, allowed values and combinations; raise ConfigError naming the key. Returns ``cfg``."""
+    t, s, d, c, tr = cfg.teacher, cfg.student, cfg.data, cfg.cache, cfg.train
+    _one_of(t.backend, TEACHER_BACKENDS, source, "teacher.backend")
+    _one_of(t.dtype, DTYPES, source, "teacher.dtype")
+    _one_of(t.logprob_mode, LOGPROB_MODES, source, "teacher.logprob_mode")
+    _positive(t.top_k, source, "teacher.top_k")
+    _positive(t.max_batch_tokens, source, "teacher.max_batch_tokens")
+    _positive(t.logprob_chunk, source, "teacher.logprob_chunk")
+    _positive(t.tensor_parallel_size, source, "teacher.tensor_parallel_size")
+    _check(0 < t.gpu_memory_utilization <= 1, source, "teacher.gpu_memory_utilization", "must be in (0, 1]")
+    if t.attention.enabled:
+        _check(t.backend == "hf", source, "teacher.attention.enabled",
+               "attention relations need teacher.backend=hf (vLLM exposes no attention)")
+        _positive(t.attention.num_heads, source, "teacher.attention.num_heads")
+    _one_of(s.mode, STUDENT_MODES, source, "student.mode")
+    _positive(s.lora.r, source, "student.lora.r")
+    _positive(s.lora.alpha, source, "student.lora.alpha")
+    _check(0 <= s.lora.dropout < 1, source, "student.lora.dropout", "must be in [0, 1)")
+    _positive(d.num_fewshot, source, "data.num_fewshot", allow_zero=True)
+    _positive(d.max_seq_len, source, "data.max_seq_len")
+    if d.max_samples is not None:
+        _positive(d.max_samples, source, "data.max_samples")
+    _one_of(d.on_error, ON_ERROR_POLICIES, source, "data.on_error")
+    _positive(c.shard_size, source, "cache.shard_size")
+    _one_of(c.logprob_dtype, CACHE_LOGPROB_DTYPES, source, "cache.logprob_dtype")
+    _validate_train(tr, source)
+    return cfg
+
+
+def _validate_train(tr: TrainConfig, source: str) -> None:
+    _positive(tr.max_steps, source, "train.max_steps")
+    _positive(tr.batch_size, source, "train.batch_size")
+    _positive(tr.grad_accum, source, "train.grad_accum")
+    _positive(tr.lr, source, "train.lr")
+    for key in ("weight_decay", "max_grad_norm", "kd_weight", "ce_weight", "warmup_steps",
+                "eval_every", "save_every", "log_every", "num_validation_samples"):
+        _positive(getattr(tr, key), source, f"train.{key}", allow_zero=True)
+    _check(tr.kd_weight > 0 or tr.ce_weight > 0, source, "train.kd_weight",
+           "kd_weight and ce_weight are both 0: nothing to train on; set one of them > 0")
+    _one_of(tr.kd_kind, KD_KINDS, source, "train.kd_kind")
+    _check(0 <= tr.jsd_beta <= 1, source, "train.jsd_beta", f"must be in [0, 1] (got {tr.jsd_beta!r})")
+    _positive(tr.temperature, source, "train.temperature")
+    _one_of(tr.topk_handling, TOPK_HANDLING, source, "train.topk_handling")

@@ -1,0 +1,62 @@
+"""``pipeline inspect-cache``: a human (or JSON) summary of a teacher cache."""
+
+from __future__ import annotations
+
+from cache_schema import open_cache
+
+
+def cache_summary(path: str, validate: bool = False) -> dict:
+    """Everything a person checks before training on a cache, as a JSON-able dict."""
+    cache = open_cache(path)
+    if validate:
+        cache.validate(deep=True)
+    meta = cache.meta
+    summary = {
+        "path": str(path),
+        "format": meta.get("format"),
+        "format_version": meta.get("format_version"),
+        "top_k": meta.get("top_k"),
+        "logprob_mode": meta.get("logprob_mode"),
+        "vocab_size": meta.get("vocab_size"),
+        "fingerprints": meta.get("fingerprints", {}),
+        "created_at": meta.get("created_at"),
+        "completed_at": meta.get("completed_at"),
+        "has_relations": cache.has_relations,
+        "validated": bool(validate),
+    }
+    summary.update(cache.stats())
+    return summary
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_summary(s: dict) -> str:
+    """Render :func:`cache_summary` for a terminal."""
+    lines = [
+        f"cache            {s['path']}",
+        f"format           {s['format']} v{s['format_version']}  (created {s['created_at']}, "
+        f"completed {s['completed_at']})",
+        f"samples          {s.get('samples', 0):,}",
+        f"student tokens   {s.get('student_tokens', 0):,}",
+        f"teacher tokens   {s.get('teacher_tokens', 0):,}",
+        f"distilled pos.   {s.get('distilled_positions', 0):,}",
+        f"top-K            {s['top_k']}  ({s['logprob_mode']}, vocab {s['vocab_size']})",
+        f"on disk          {_fmt_bytes(s.get('bytes_on_disk', 0))}  "
+        f"({s.get('bytes_per_position', 0):.1f} bytes per distilled position)",
+        f"relations        {'yes' if s['has_relations'] else 'no'}",
+    ]
+    kept = s.get("kept_mass") or {}
+    if kept:
+        order = [k for k in ("min", "p1", "p10", "median", "p90", "max", "mean") if k in kept]
+        lines.append("kept mass Σexp   " + "  ".join(f"{k} {kept[k]:.4f}" for k in order))
+    for name, value in sorted(s["fingerprints"].items()):
+        lines.append(f"fingerprint      {name:<10} {value}")
+    if s.get("validated"):
+        lines.append("validation       deep validation passed")
+    return "\n".join(lines)

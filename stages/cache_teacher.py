@@ -1,0 +1,354 @@
+"""Stage one recipe: cache the teacher's top-K next-token logprobs over the training samples.
+
+Sections, in the order they run:
+
+1. **setup** — tokenizers (teacher must equal student), samples, shot pool, aligned teacher/student
+   sequences, fingerprints, and the decision about an existing cache (nothing to do / resume / refuse).
+2. **run** — the samples are cut into shards of ``cache.shard_size``; each shard is scored by one engine and
+   written as one cache part. Shards run on dask.distributed (a LocalCluster of ``workers`` processes, or an
+   existing scheduler); ``workers=0`` scores in this process (debugging). Each worker loads its engine once.
+3. **finish** — the completion record is written last, and a summary is printed.
+
+Resumability lives in the store, not in dask: a part is visible only once its commit record is written, so a
+run killed at any moment and started again skips committed parts and redoes the rest. Parts are scored
+independently and deterministically (batches never cross a part), so two workers write the same cache as one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cache_schema import (CacheMismatchError, CacheWriter, json_fingerprint, peek_cache_state,
+                          samples_fingerprint, tokenizer_fingerprint, write_part)
+from pipeline.config import Config
+from pipeline.config_loader import config_to_dict
+from pipeline.errors import DataError, UserError
+from stages.prompting import has_chat_template
+from stages.samples import read_samples
+from stages.sequences import AlignedSample, build_aligned_samples
+from stages.teacher.scoring import BackendSettings, RelationSettings, ScoreRequest, check_top_k_fits
+
+PLAIN_TEMPLATE_NAME = "plain-question-answer-v1"
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class StageOnePlan:
+    """Everything stage one decided before scoring anything."""
+
+    cfg: Config
+    settings: BackendSettings
+    shards: list[list[AlignedSample]]
+    meta: dict[str, Any]
+    vocab_size: int
+    skipped: list[str] = field(default_factory=list)
+    trimmed: int = 0
+    state: str = "absent"
+    """What was at cache.path before: absent, incomplete (resume) or complete (nothing to do)."""
+
+
+def backend_settings(cfg: Config) -> BackendSettings:
+    """Map the ``teacher:`` config section onto the backend's plain settings."""
+    t = cfg.teacher
+    relations = RelationSettings(t.attention.layer, t.attention.num_heads) if t.attention.enabled else None
+    return BackendSettings(
+        model=t.model, backend=t.backend, top_k=t.top_k, dtype=t.dtype, max_batch_tokens=t.max_batch_tokens,
+        logprob_chunk=t.logprob_chunk, tensor_parallel_size=t.tensor_parallel_size,
+        gpu_memory_utilization=t.gpu_memory_utilization, max_num_batched_tokens=t.max_num_batched_tokens,
+        max_model_len=t.max_model_len, seed=cfg.seed, relations=relations)
+
+
+def _load_tokenizer(model: str, key: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{key}={model!r}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def _model_config(model: str) -> dict:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model).to_dict()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"teacher.model={model!r}: cannot load its config ({str(exc).splitlines()[0]})") from None
+
+
+def _teacher_length_limit(cfg: Config, model_config: dict) -> int | None:
+    limits = [cfg.data.max_teacher_len, cfg.teacher.max_model_len, model_config.get("max_position_embeddings")]
+    limits = [int(x) for x in limits if x]
+    return min(limits) if limits else None
+
+
+def _fingerprints(cfg: Config, tokenizer, model_config: dict, samples, pool) -> dict[str, str]:
+    sample_rows = [{"id": s.sample_id, "q": s.question, "a": s.answer} for s in samples]
+    pool_rows = [{"q": s.question, "a": s.answer} for s in pool] if cfg.data.num_fewshot else []
+    template = tokenizer.chat_template if has_chat_template(tokenizer) else PLAIN_TEMPLATE_NAME
+    t = cfg.teacher
+    return {
+        "teacher": json_fingerprint({"model": t.model, "config": model_config, "backend": t.backend,
+                                     "dtype": t.dtype, "relations": config_to_dict(cfg)["teacher"]["attention"]}),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": samples_fingerprint(sample_rows + [{"shot_pool": pool_rows}]),
+        "prompt": json_fingerprint({"template": template, "num_fewshot": cfg.data.num_fewshot, "seed": cfg.seed,
+                                    "max_seq_len": cfg.data.max_seq_len,
+                                    "max_teacher_len": cfg.data.max_teacher_len}),
+    }
+
+
+def _check_existing(path: str, meta: dict, overwrite: bool) -> str:
+    """'absent' | 'incomplete' (resume) | 'complete' (nothing to do); refuses foreign or mismatched caches."""
+    state, existing = peek_cache_state(path)
+    if state == "not_a_cache":
+        raise UserError(f"cache.path={path!r} exists and is not a teacher cache; choose another cache.path "
+                        "(nothing there was touched)")
+    if existing is None or overwrite:
+        return "absent" if existing is None else "overwrite"
+    same = existing.get("fingerprints") == meta["fingerprints"] and existing.get("top_k") == meta["top_k"]
+    if not same:
+        differing = sorted(k for k in meta["fingerprints"]
+                           if existing.get("fingerprints", {}).get(k) != meta["fingerprints"][k])
+        if existing.get("top_k") != meta["top_k"]:
+            differing.append("top_k")
+        raise CacheMismatchError(f"cache.path={path!r} holds a cache with other {', '.join(differing)} "
+                                 "fingerprints; pass --overwrite to replace it or choose another cache.path")
+    return state
+
+
+def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
+    """Read, align and fingerprint everything; decide what to do with an existing cache."""
+    tokenizer = _load_tokenizer(cfg.teacher.model, "teacher.model")
+    student_tokenizer = _load_tokenizer(cfg.student.model, "student.model")
+    if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(student_tokenizer):
+        raise UserError(f"teacher.model={cfg.teacher.model!r} and student.model={cfg.student.model!r} have "
+                        "different tokenizers; cached token ids would mean different things to the student")
+    check_top_k_fits(cfg.teacher.top_k, len(tokenizer), cfg.teacher.model)
+    model_config = _model_config(cfg.teacher.model)
+    d = cfg.data
+    train = read_samples(d.train, dataset_config=d.dataset_config, on_error=d.on_error, max_samples=d.max_samples)
+    pool = train.samples
+    if d.fewshot_pool is not None:
+        pool = read_samples(d.fewshot_pool, dataset_config=d.dataset_config, on_error=d.on_error).samples
+    elif d.max_samples is not None and d.num_fewshot:
+        pool = read_samples(d.train, dataset_config=d.dataset_config, on_error=d.on_error).samples
+    report = build_aligned_samples(train.samples, pool, tokenizer, num_fewshot=d.num_fewshot, seed=cfg.seed,
+                                   max_seq_len=d.max_seq_len,
+                                   max_teacher_len=_teacher_length_limit(cfg, model_config))
+    if not report.built:
+        raise DataError(f"{d.train}: no sample fits (first reason: {report.skipped[0]})")
+    size = cfg.cache.shard_size
+    shards = [report.built[i:i + size] for i in range(0, len(report.built), size)]
+    meta = {"fingerprints": _fingerprints(cfg, tokenizer, model_config, train.samples, pool),
+            "top_k": cfg.teacher.top_k, "logprob_mode": cfg.teacher.logprob_mode,
+            "config": config_to_dict(cfg), "teacher_model": cfg.teacher.model, "backend": cfg.teacher.backend,
+            "num_fewshot": d.num_fewshot, "skipped_samples": len(train.skipped) + len(report.skipped)}
+    if cfg.teacher.attention.enabled:
+        meta["relations"] = {"layer": cfg.teacher.attention.layer, "num_relation_heads":
+                             cfg.teacher.attention.num_heads, "kinds": ["qq", "kk", "vv"]}
+    vocab_size = max(int(model_config.get("vocab_size") or 0), len(tokenizer))
+    state = _check_existing(cfg.cache.path, meta, overwrite)
+    return StageOnePlan(cfg, backend_settings(cfg), shards, meta, vocab_size,
+                        skipped=train.skipped + report.skipped, trimmed=report.trimmed, state=state)
+
+
+# ------------------------------------------------------------------------------------------------------ run
+
+# One engine per worker process, loaded on the first shard and reused for the rest.
+_WORKER_BACKENDS: dict[str, Any] = {}
+
+
+def _worker_backend(settings: BackendSettings, pin_gpus: int):
+    from stages.teacher.scoring import load_backend
+
+    key = json_fingerprint(settings.__dict__ | {"relations": str(settings.relations)})
+    if key not in _WORKER_BACKENDS:
+        if pin_gpus:
+            _pin_gpu_for_this_worker(pin_gpus)
+        _WORKER_BACKENDS.clear()
+        _WORKER_BACKENDS[key] = load_backend(settings)
+    return _WORKER_BACKENDS[key]
+
+
+def _pin_gpu_for_this_worker(num_gpus: int) -> None:
+    """LocalCluster does not set CUDA_VISIBLE_DEVICES per worker: worker i takes GPU i mod num_gpus."""
+    from distributed import get_worker
+
+    name = get_worker().name
+    index = name if isinstance(name, int) else int(str(name).rsplit("-", 1)[-1] or 0)
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(index % num_gpus)
+
+
+def score_shard(settings: BackendSettings, cache_path: str, part_id: int, shard: list[AlignedSample],
+                pin_gpus: int = 0) -> dict[str, float]:
+    """Score one shard with this process's engine and write it as cache part ``part_id`` (commit last)."""
+    started = time.perf_counter()
+    backend = _worker_backend(settings, pin_gpus)
+    requests = [ScoreRequest(s.pair.teacher_input_ids, np.asarray(s.pair.teacher_positions, dtype=np.int64))
+                for s in shard]
+    results = backend.score(requests)
+    samples = []
+    for item, result in zip(shard, results, strict=True):
+        sample = {"sample_id": item.sample_id,
+                  "input_ids": np.asarray(item.pair.input_ids, dtype=np.int64),
+                  "teacher_input_ids": np.asarray(item.pair.teacher_input_ids, dtype=np.int64),
+                  "label_positions": np.asarray(item.pair.label_positions, dtype=np.int64),
+                  "teacher_positions": np.asarray(item.pair.teacher_positions, dtype=np.int64),
+                  "topk_ids": result.topk_ids, "topk_logprobs": result.topk_logprobs,
+                  "label_logprobs": result.label_logprobs}
+        if result.relations is not None:
+            sample["relations"] = result.relations
+        samples.append(sample)
+    write_part(cache_path, part_id, samples)
+    return {"part_id": part_id, "samples": len(shard), "seconds": time.perf_counter() - started,
+            "teacher_tokens": sum(len(s.pair.teacher_input_ids) for s in shard),
+            "positions": sum(len(s.pair.label_positions) for s in shard)}
+
+
+@dataclass
+class RunStats:
+    parts_scored: int = 0
+    parts_reused: int = 0
+    samples: int = 0
+    teacher_tokens: int = 0
+    positions: int = 0
+    seconds: float = 0.0
+
+
+def _progress(total_samples: int, done_samples: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_samples, initial=done_samples, unit="sample", desc="stage one", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _record(stats: RunStats, bar, part_stats: dict, started: float) -> None:
+    stats.parts_scored += 1
+    stats.samples += int(part_stats["samples"])
+    stats.teacher_tokens += int(part_stats["teacher_tokens"])
+    stats.positions += int(part_stats["positions"])
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    bar.update(int(part_stats["samples"]))
+    bar.set_postfix(samples_s=f"{stats.samples / elapsed:.1f}", tokens_s=f"{stats.teacher_tokens / elapsed:.0f}")
+
+
+def _run_in_process(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, started: float) -> None:
+    try:
+        for part_id in pending:
+            _record(stats, bar, score_shard(plan.settings, plan.cfg.cache.path, part_id, plan.shards[part_id]),
+                    started)
+    finally:
+        for backend in _WORKER_BACKENDS.values():
+            backend.close()
+        _WORKER_BACKENDS.clear()
+
+
+def _run_on_dask(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, started: float,
+                 workers: int, scheduler: str | None) -> None:
+    import dask
+    from distributed import Client, LocalCluster, as_completed
+
+    num_gpus = _visible_gpu_count() if scheduler is None else 0
+    # vLLM starts its own processes; dask's daemonic workers may not have children.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = None if scheduler else LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0, dashboard_address=None,
+            env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
+                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        with Client(scheduler or cluster) as client:
+            futures = [client.submit(score_shard, plan.settings, plan.cfg.cache.path, part_id,
+                                     plan.shards[part_id], num_gpus, key=f"score-part-{part_id}", pure=False)
+                       for part_id in pending]
+            for future in as_completed(futures):
+                _record(stats, bar, future.result(), started)
+        if cluster is not None:
+            cluster.close()
+
+
+def _visible_gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # no CUDA runtime at all
+        return 0
+
+
+def run(plan: StageOnePlan, workers: int = 1, scheduler: str | None = None, progress: bool = True) -> RunStats:
+    """Score and write every part not yet committed."""
+    writer = CacheWriter(plan.cfg.cache.path, plan.meta, len(plan.shards), top_k=plan.cfg.teacher.top_k,
+                         vocab_size=plan.vocab_size, overwrite=plan.state == "overwrite",
+                         logprob_dtype=plan.cfg.cache.logprob_dtype)
+    stats = RunStats()
+    with writer:
+        pending = sorted(writer.pending_parts())
+        stats.parts_reused = len(plan.shards) - len(pending)
+        done = sum(len(plan.shards[i]) for i in range(len(plan.shards)) if i not in set(pending))
+        started = time.perf_counter()
+        with _progress(sum(len(s) for s in plan.shards), done, progress) as bar:
+            if workers == 0:
+                _run_in_process(plan, pending, stats, bar, started)
+            else:
+                _run_on_dask(plan, pending, stats, bar, started, workers, scheduler)
+        stats.seconds = time.perf_counter() - started
+        writer.finalize()
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------- finish
+
+
+def summarize(plan: StageOnePlan, stats: RunStats) -> dict[str, Any]:
+    """The closing numbers: what was scored, how fast, how large on disk."""
+    from cache_schema import open_cache
+
+    cache_stats = open_cache(plan.cfg.cache.path).stats()
+    seconds = max(stats.seconds, 1e-9)
+    return {
+        "cache": plan.cfg.cache.path, "backend": plan.cfg.teacher.backend, "top_k": plan.cfg.teacher.top_k,
+        "samples": cache_stats["samples"], "scored_positions": cache_stats["distilled_positions"],
+        "teacher_tokens": cache_stats["teacher_tokens"], "bytes_on_disk": cache_stats["bytes_on_disk"],
+        "bytes_per_position": cache_stats["bytes_per_position"],
+        "parts": len(plan.shards), "parts_reused": stats.parts_reused, "parts_scored": stats.parts_scored,
+        "skipped_samples": len(plan.skipped), "shots_trimmed": plan.trimmed, "seconds": round(stats.seconds, 2),
+        "teacher_tokens_per_s": round(stats.teacher_tokens / seconds, 1),
+        "scored_positions_per_s": round(stats.positions / seconds, 1),
+        "samples_per_s": round(stats.samples / seconds, 2),
+    }
+
+
+def format_summary(summary: dict[str, Any], skipped: list[str]) -> str:
+    lines = [f"stage one done: {summary['samples']} samples, {summary['scored_positions']} scored positions "
+             f"(K={summary['top_k']}, {summary['backend']}) in {summary['cache']}",
+             f"  {summary['bytes_per_position']:.1f} bytes per scored position on disk; "
+             f"{summary['teacher_tokens_per_s']:.0f} teacher tokens/s, {summary['samples_per_s']:.2f} samples/s "
+             f"over {summary['seconds']:.1f} s",
+             f"  parts: {summary['parts']} ({summary['parts_reused']} reused, {summary['parts_scored']} scored); "
+             f"skipped samples: {summary['skipped_samples']}; samples with fewer shots: {summary['shots_trimmed']}"]
+    lines += [f"  skipped {reason}" for reason in skipped[:5]]
+    if len(skipped) > 5:
+        lines.append(f"  ... and {len(skipped) - 5} more skipped")
+    return "\n".join(lines)
+
+
+def cache_teacher(cfg: Config, *, workers: int = 1, scheduler: str | None = None, overwrite: bool = False,
+                  progress: bool = True, echo=print) -> dict[str, Any]:
+    """Stage one end to end. Returns the summary (``{"nothing_to_do": True, ...}`` for a matching cache)."""
+    plan = setup(cfg, overwrite=overwrite)
+    if plan.state == "complete":
+        echo(f"stage one: nothing to do — {cfg.cache.path} is a complete cache with matching fingerprints")
+        return {"nothing_to_do": True, "cache": cfg.cache.path}
+    if plan.state == "incomplete":
+        echo(f"stage one: resuming the incomplete cache at {cfg.cache.path}")
+    stats = run(plan, workers=workers, scheduler=scheduler, progress=progress)
+    summary = summarize(plan, stats)
+    echo(format_summary(summary, plan.skipped))
+    return summary
