@@ -20,7 +20,7 @@ def kept_mass_per_position(cache: "KDCache") -> np.ndarray:
     for part in cache.parts:
         logprobs = part.arrays[fmt.TOPK_LOGPROBS]
         for start in range(0, logprobs.shape[0], _STATS_BLOCK_ROWS):
-            rows = logprobs[start:start + _STATS_BLOCK_ROWS].astype(np.float64)
+            rows = logprobs[start : start + _STATS_BLOCK_ROWS].astype(np.float64)
             masses.append(np.exp(rows).sum(axis=1).astype(np.float32))
     return np.concatenate(masses) if masses else np.zeros(0, dtype=np.float32)
 
@@ -30,8 +30,13 @@ def _distribution(values: np.ndarray) -> dict[str, float] | None:
         return None
     p1, p10, median, p90 = np.percentile(values, [1, 10, 50, 90])
     return {
-        "min": float(values.min()), "p1": float(p1), "p10": float(p10), "median": float(median),
-        "p90": float(p90), "max": float(values.max()), "mean": float(values.mean(dtype=np.float64)),
+        "min": float(values.min()),
+        "p1": float(p1),
+        "p10": float(p10),
+        "median": float(median),
+        "p90": float(p90),
+        "max": float(values.max()),
+        "mean": float(values.mean(dtype=np.float64)),
     }
 
 

@@ -38,9 +38,11 @@ class _ProblemLog:
 
 
 def _meta_problems(meta: dict[str, Any]) -> list[str]:
-    problems = [f"metadata key {key!r} missing" for key in
-                ("fingerprints", "top_k", "vocab_size", "id_dtype", "logprob_dtype", "num_parts", "index")
-                if key not in meta]
+    problems = [
+        f"metadata key {key!r} missing"
+        for key in ("fingerprints", "top_k", "vocab_size", "id_dtype", "logprob_dtype", "num_parts", "index")
+        if key not in meta
+    ]
     if not problems and np.dtype(meta["id_dtype"]) != fmt.id_dtype_for_vocab(int(meta["vocab_size"])):
         problems.append(f"id_dtype {meta['id_dtype']} does not match vocab_size {meta['vocab_size']}")
     if not problems and meta["logprob_dtype"] not in fmt.LOGPROB_DTYPES:

@@ -93,8 +93,10 @@ def _special_tokens(tokenizer: Any) -> dict[str, Any]:
     named = dict(getattr(tokenizer, "special_tokens_map", None) or {})
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     flagged = {str(token_id): str(token) for token_id, token in added.items() if getattr(token, "special", True)}
-    return {"named": {k: str(v) if not isinstance(v, list) else [str(x) for x in v] for k, v in named.items()},
-            "added_special": flagged}
+    return {
+        "named": {k: str(v) if not isinstance(v, list) else [str(x) for x in v] for k, v in named.items()},
+        "added_special": flagged,
+    }
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

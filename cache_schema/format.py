@@ -76,10 +76,10 @@ POSITION_DTYPE = np.dtype("int32")
 LABEL_LOGPROB_DTYPE = np.dtype("float32")
 LOGPROB_DTYPES = ("float16", "float32")  # zarr has no bfloat16
 
-# Chunk lengths along the flat axes; chosen so one chunk is ~0.5 MB at K=64/fp16 and a sample read touches
+# Chunk lengths along the flat axes: one topk chunk is 256 KiB at K=64/fp16; a sample read touches
 # one or two chunks.
-TOKEN_CHUNK = 65536
-LABEL_CHUNK = 4096
+TOKEN_CHUNK = 32768
+LABEL_CHUNK = 2048
 RELATION_CHUNK = 262144
 ZSTD_LEVEL = 3
 

@@ -48,9 +48,18 @@ class StorageDtypes:
 def array_order(has_relations: bool) -> tuple[str, ...]:
     """Names of a part's arrays in the fixed order used for writing and checksumming."""
     names = (
-        fmt.SAMPLE_ID_OFFSETS, fmt.SAMPLE_ID_BYTES, fmt.TOKEN_OFFSETS, fmt.INPUT_IDS,
-        fmt.TEACHER_TOKEN_OFFSETS, fmt.TEACHER_INPUT_IDS, fmt.LABEL_OFFSETS, fmt.LABEL_POSITIONS,
-        fmt.TEACHER_POSITIONS, fmt.LABEL_LOGPROBS, fmt.TOPK_IDS, fmt.TOPK_LOGPROBS,
+        fmt.SAMPLE_ID_OFFSETS,
+        fmt.SAMPLE_ID_BYTES,
+        fmt.TOKEN_OFFSETS,
+        fmt.INPUT_IDS,
+        fmt.TEACHER_TOKEN_OFFSETS,
+        fmt.TEACHER_INPUT_IDS,
+        fmt.LABEL_OFFSETS,
+        fmt.LABEL_POSITIONS,
+        fmt.TEACHER_POSITIONS,
+        fmt.LABEL_LOGPROBS,
+        fmt.TOPK_IDS,
+        fmt.TOPK_LOGPROBS,
     )
     return names + ((fmt.RELATION_OFFSETS, fmt.RELATIONS) if has_relations else ())
 
@@ -116,14 +125,14 @@ def part_checksum(arrays: Mapping[str, Any], has_relations: bool, block_rows: in
         little = np.dtype(array.dtype).newbyteorder("<")
         digest.update(f"{name}:{little.str}:{tuple(array.shape)};".encode("utf-8"))
         for start in range(0, array.shape[0], block_rows):
-            digest.update(np.ascontiguousarray(array[start:start + block_rows], dtype=little).tobytes())
+            digest.update(np.ascontiguousarray(array[start : start + block_rows], dtype=little).tobytes())
     return digest.hexdigest()
 
 
 def decode_sample_ids(id_offsets: np.ndarray, id_bytes: np.ndarray) -> list[str]:
     """Sample ids of a part from sample_id_offsets [S+1] and sample_id_bytes [Σ bytes]."""
     raw = id_bytes.tobytes()
-    return [raw[id_offsets[s]:id_offsets[s + 1]].decode("utf-8") for s in range(len(id_offsets) - 1)]
+    return [raw[id_offsets[s] : id_offsets[s + 1]].decode("utf-8") for s in range(len(id_offsets) - 1)]
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,11 @@ class PartOffsets:
 
 
 def split_block(
-    block: Mapping[str, np.ndarray], offsets: PartOffsets, first: int, stop: int, sample_ids: Sequence[str],
+    block: Mapping[str, np.ndarray],
+    offsets: PartOffsets,
+    first: int,
+    stop: int,
+    sample_ids: Sequence[str],
     num_relation_heads: int | None,
 ) -> list[dict[str, Any]]:
     """Cut the flat arrays read for local samples [first, stop) of a part into per-sample dicts.
@@ -152,11 +165,11 @@ def split_block(
             "sample_id": sample_ids[s],
             "input_ids": _rows(block[fmt.INPUT_IDS], offsets.tokens, first, s).astype(np.int64),
             "teacher_input_ids": _rows(block[fmt.TEACHER_INPUT_IDS], offsets.teacher_tokens, first, s).astype(np.int64),
-            "label_positions": block[fmt.LABEL_POSITIONS][labels[0]:labels[1]].astype(np.int64),
-            "teacher_positions": block[fmt.TEACHER_POSITIONS][labels[0]:labels[1]].astype(np.int64),
-            "topk_ids": block[fmt.TOPK_IDS][labels[0]:labels[1]].astype(np.int64),
-            "topk_logprobs": block[fmt.TOPK_LOGPROBS][labels[0]:labels[1]].astype(np.float32),
-            "label_logprobs": block[fmt.LABEL_LOGPROBS][labels[0]:labels[1]].astype(np.float32),
+            "label_positions": block[fmt.LABEL_POSITIONS][labels[0] : labels[1]].astype(np.int64),
+            "teacher_positions": block[fmt.TEACHER_POSITIONS][labels[0] : labels[1]].astype(np.int64),
+            "topk_ids": block[fmt.TOPK_IDS][labels[0] : labels[1]].astype(np.int64),
+            "topk_logprobs": block[fmt.TOPK_LOGPROBS][labels[0] : labels[1]].astype(np.float32),
+            "label_logprobs": block[fmt.LABEL_LOGPROBS][labels[0] : labels[1]].astype(np.float32),
         }
         if offsets.relations is not None:
             n = sample["label_positions"].shape[0]
@@ -175,4 +188,4 @@ def split_block(
 def _rows(flat: np.ndarray, bounds: np.ndarray, first: int, s: int) -> np.ndarray:
     """Rows of local sample s in a block read starting at local sample `first`."""
     base = bounds[first]
-    return flat[bounds[s] - base:bounds[s + 1] - base]
+    return flat[bounds[s] - base : bounds[s + 1] - base]

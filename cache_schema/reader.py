@@ -7,6 +7,7 @@ Sample reads are contiguous slices of the flat arrays (zarr v3 fancy indexing is
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import os
 from collections.abc import Iterator
@@ -17,6 +18,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+try:  # zarr's own event loop: lets one sample's ~8 slice reads run concurrently (measured 2x faster)
+    from zarr.core.sync import sync as _run_on_zarr_loop
+except ImportError:  # pragma: no cover - a future zarr that moved it; sequential reads still work
+    _run_on_zarr_loop = None
+
 from cache_schema import format as fmt
 from cache_schema.cache_state import peek_cache_state, read_part_commit
 from cache_schema.cache_stats import compute_stats
@@ -25,9 +31,14 @@ from cache_schema.part_layout import PartOffsets, StorageDtypes, array_order, de
 
 _ITER_BLOCK = 256  # samples per read when iterating: amortizes chunk decoding across neighbours
 _FLAT_BY_OFFSETS = {
-    fmt.INPUT_IDS: "tokens", fmt.TEACHER_INPUT_IDS: "teacher_tokens", fmt.LABEL_POSITIONS: "labels",
-    fmt.TEACHER_POSITIONS: "labels", fmt.LABEL_LOGPROBS: "labels", fmt.TOPK_IDS: "labels",
-    fmt.TOPK_LOGPROBS: "labels", fmt.RELATIONS: "relations",
+    fmt.INPUT_IDS: "tokens",
+    fmt.TEACHER_INPUT_IDS: "teacher_tokens",
+    fmt.LABEL_POSITIONS: "labels",
+    fmt.TEACHER_POSITIONS: "labels",
+    fmt.LABEL_LOGPROBS: "labels",
+    fmt.TOPK_IDS: "labels",
+    fmt.TOPK_LOGPROBS: "labels",
+    fmt.RELATIONS: "relations",
 }
 
 
@@ -43,13 +54,18 @@ class PartView:
 
     def read_block(self, first: int, stop: int) -> dict[str, np.ndarray]:
         """Rows of every flat array covering local samples [first, stop), one contiguous slice each."""
-        block = {}
+        slices = {}
         for name, offsets_name in _FLAT_BY_OFFSETS.items():
             bounds = getattr(self.offsets, offsets_name)
-            if bounds is None:
-                continue
-            block[name] = self.arrays[name][int(bounds[first]):int(bounds[stop])]
-        return block
+            if bounds is not None:
+                slices[name] = slice(int(bounds[first]), int(bounds[stop]))
+        if _run_on_zarr_loop is None:
+            return {name: self.arrays[name][rows] for name, rows in slices.items()}
+
+        async def read_all() -> list[Any]:
+            return await asyncio.gather(*(self.arrays[name].async_array.getitem(rows) for name, rows in slices.items()))
+
+        return dict(zip(slices, _run_on_zarr_loop(read_all()), strict=True))
 
 
 def _check_header(path: Path) -> dict[str, Any]:
@@ -58,7 +74,9 @@ def _check_header(path: Path) -> dict[str, Any]:
         raise fmt.CacheFormatError(f"no cache at {path}: the path does not exist (run the teacher-caching stage)")
     state, meta = peek_cache_state(path)
     if state in ("absent", "not_a_cache"):
-        raise fmt.CacheFormatError(f"{path} is not a {fmt.FORMAT_NAME} cache (no Zarr v3 group with format={fmt.FORMAT_NAME!r})")
+        raise fmt.CacheFormatError(
+            f"{path} is not a {fmt.FORMAT_NAME} cache (no Zarr v3 group with format={fmt.FORMAT_NAME!r})"
+        )
     assert meta is not None
     version = meta.get("format_version")
     if not isinstance(version, int) or version < 1:
@@ -88,22 +106,30 @@ def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: b
     loaded = {name: arrays[name][:] for name in fmt.OFFSET_ARRAYS}
     relation_offsets = arrays[fmt.RELATION_OFFSETS][:] if has_relations else None
     expected_lengths = {
-        fmt.SAMPLE_ID_BYTES: loaded[fmt.SAMPLE_ID_OFFSETS][-1], fmt.INPUT_IDS: entry["num_tokens"],
-        fmt.TEACHER_INPUT_IDS: entry["num_teacher_tokens"], fmt.LABEL_POSITIONS: entry["num_label_positions"],
-        fmt.TEACHER_POSITIONS: entry["num_label_positions"], fmt.LABEL_LOGPROBS: entry["num_label_positions"],
-        fmt.TOPK_IDS: entry["num_label_positions"], fmt.TOPK_LOGPROBS: entry["num_label_positions"],
+        fmt.SAMPLE_ID_BYTES: loaded[fmt.SAMPLE_ID_OFFSETS][-1],
+        fmt.INPUT_IDS: entry["num_tokens"],
+        fmt.TEACHER_INPUT_IDS: entry["num_teacher_tokens"],
+        fmt.LABEL_POSITIONS: entry["num_label_positions"],
+        fmt.TEACHER_POSITIONS: entry["num_label_positions"],
+        fmt.LABEL_LOGPROBS: entry["num_label_positions"],
+        fmt.TOPK_IDS: entry["num_label_positions"],
+        fmt.TOPK_LOGPROBS: entry["num_label_positions"],
     }
     if has_relations:
         expected_lengths[fmt.RELATIONS] = entry["num_relation_values"]
     for name, offsets in list(loaded.items()) + ([(fmt.RELATION_OFFSETS, relation_offsets)] if has_relations else []):
         if offsets.shape != (entry["num_samples"] + 1,):
-            raise fmt.CacheFormatError(f"{where}: {name} has shape {offsets.shape}, index says {entry['num_samples']} samples")
+            raise fmt.CacheFormatError(
+                f"{where}: {name} has shape {offsets.shape}, index says {entry['num_samples']} samples"
+            )
     for name, length in expected_lengths.items():
         if arrays[name].shape[0] != length:
             raise fmt.CacheFormatError(f"{where}: {name} has {arrays[name].shape[0]} rows, index says {length}")
     offsets = PartOffsets(
-        tokens=loaded[fmt.TOKEN_OFFSETS], teacher_tokens=loaded[fmt.TEACHER_TOKEN_OFFSETS],
-        labels=loaded[fmt.LABEL_OFFSETS], relations=relation_offsets,
+        tokens=loaded[fmt.TOKEN_OFFSETS],
+        teacher_tokens=loaded[fmt.TEACHER_TOKEN_OFFSETS],
+        labels=loaded[fmt.LABEL_OFFSETS],
+        relations=relation_offsets,
     )
     sample_ids = decode_sample_ids(loaded[fmt.SAMPLE_ID_OFFSETS], arrays[fmt.SAMPLE_ID_BYTES][:])
     return PartView(part_id, arrays, offsets, sample_ids, commit)
@@ -116,7 +142,9 @@ def open_cache(path: str | os.PathLike) -> "KDCache":
     index = meta.get("index") or {}
     entries = index.get("parts")
     if not isinstance(entries, list) or len(entries) != meta.get("num_parts"):
-        raise fmt.CacheFormatError(f"{root}: index lists {len(entries or [])} parts, metadata says {meta.get('num_parts')}")
+        raise fmt.CacheFormatError(
+            f"{root}: index lists {len(entries or [])} parts, metadata says {meta.get('num_parts')}"
+        )
     has_relations = bool(meta.get("relations"))
     parts = [_open_part(root, part_id, entry, has_relations) for part_id, entry in enumerate(entries)]
     return KDCache(root, meta, parts)
@@ -136,7 +164,9 @@ class KDCache:
         self.parts = parts
         self.dtypes = StorageDtypes.from_meta(meta)
         # part_starts[k] = global index of part k's first sample; used to map a global index to its part.
-        self._part_starts: list[int] = np.concatenate([[0], np.cumsum([len(p.sample_ids) for p in parts])]).astype(int).tolist()
+        self._part_starts: list[int] = (
+            np.concatenate([[0], np.cumsum([len(p.sample_ids) for p in parts])]).astype(int).tolist()
+        )
         self.sample_ids: list[str] = [sample_id for part in parts for sample_id in part.sample_ids]
         totals = meta["index"]["totals"]
         self.num_tokens: int = int(totals["num_tokens"])
@@ -185,7 +215,9 @@ class KDCache:
             part = self.parts[part_index]
             local_stop = min(len(part.sample_ids), local + (stop - position))
             block = part.read_block(local, local_stop)
-            samples += split_block(block, part.offsets, local, local_stop, part.sample_ids, self.dtypes.num_relation_heads)
+            samples += split_block(
+                block, part.offsets, local, local_stop, part.sample_ids, self.dtypes.num_relation_heads
+            )
             position += local_stop - local
         return samples
 

@@ -119,7 +119,10 @@ def _alignment_problems(arrays: Mapping[str, Any]) -> list[str]:
     """Positions in range, strictly increasing, and the token-equality invariant of paired positions."""
     problems = []
     positions, teacher_positions = arrays["label_positions"], arrays["teacher_positions"]
-    limits = {"label_positions": arrays["input_ids"].shape[0], "teacher_positions": arrays["teacher_input_ids"].shape[0]}
+    limits = {
+        "label_positions": arrays["input_ids"].shape[0],
+        "teacher_positions": arrays["teacher_input_ids"].shape[0],
+    }
     for name, values in (("label_positions", positions), ("teacher_positions", teacher_positions)):
         if values.size == 0:
             continue
@@ -156,7 +159,9 @@ def _logprob_problems(arrays: Mapping[str, Any], rules: SampleRules) -> list[str
         return problems
     unsorted_rows = np.flatnonzero(np.any(np.diff(topk, axis=1) > 0, axis=1))
     if unsorted_rows.size:
-        problems.append(f"topk rows not sorted by descending logprob: {unsorted_rows.size} row(s), first row {unsorted_rows[0]}")
+        problems.append(
+            f"topk rows not sorted by descending logprob: {unsorted_rows.size} row(s), first row {unsorted_rows[0]}"
+        )
     kept_mass = np.exp(topk.astype(np.float64)).sum(axis=1)
     if kept_mass.max() > 1.0 + rules.kept_mass_tolerance:
         row = int(kept_mass.argmax())

@@ -23,7 +23,14 @@ from zarr.codecs import ZstdCodec
 
 from cache_schema import format as fmt
 from cache_schema.cache_state import peek_cache_state, read_part_commit, read_root_meta
-from cache_schema.part_layout import StorageDtypes, array_order, chunk_shape, decode_sample_ids, pack_samples, part_checksum
+from cache_schema.part_layout import (
+    StorageDtypes,
+    array_order,
+    chunk_shape,
+    decode_sample_ids,
+    pack_samples,
+    part_checksum,
+)
 from cache_schema.sample_checks import SampleRules, coerce_sample, sample_problems
 
 
@@ -47,10 +54,12 @@ def _check_relations_spec(relations: Mapping[str, Any] | None, relations_dtype: 
     if relations is None:
         return None
     unknown = sorted(set(relations) - {"layer", "num_relation_heads"})
-    if unknown or not isinstance(relations.get("layer"), int) or not isinstance(relations.get("num_relation_heads"), int):
-        raise fmt.CacheError(
-            f"relations must be {{'layer': int, 'num_relation_heads': int}}, got {dict(relations)!r}"
-        )
+    if (
+        unknown
+        or not isinstance(relations.get("layer"), int)
+        or not isinstance(relations.get("num_relation_heads"), int)
+    ):
+        raise fmt.CacheError(f"relations must be {{'layer': int, 'num_relation_heads': int}}, got {dict(relations)!r}")
     if relations["num_relation_heads"] < 1:
         raise fmt.CacheError(f"relations.num_relation_heads must be >= 1, got {relations['num_relation_heads']}")
     if relations_dtype not in fmt.LOGPROB_DTYPES:
@@ -77,7 +86,9 @@ def _check_user_meta(meta: Mapping[str, Any], writer_meta: Mapping[str, Any]) ->
     try:
         json.dumps(dict(meta), allow_nan=False)
     except (TypeError, ValueError) as error:
-        raise fmt.CacheError(f"cache meta must be JSON-serializable (resolve configs to plain dicts): {error}") from None
+        raise fmt.CacheError(
+            f"cache meta must be JSON-serializable (resolve configs to plain dicts): {error}"
+        ) from None
 
 
 def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,9 +104,9 @@ def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def _layout(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed (incomplete) cache must also share, because parts already written depend on it."""
-    return {key: meta.get(key) for key in ("format_version", "num_parts", "vocab_size", "id_dtype", "logprob_dtype")} | {
-        "relations.dtype": (meta.get("relations") or {}).get("dtype")
-    }
+    return {
+        key: meta.get(key) for key in ("format_version", "num_parts", "vocab_size", "id_dtype", "logprob_dtype")
+    } | {"relations.dtype": (meta.get("relations") or {}).get("dtype")}
 
 
 def _first_difference(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
@@ -116,8 +127,16 @@ class CacheWriter:
     """
 
     def __init__(
-        self, path: str | os.PathLike, meta: Mapping[str, Any], num_parts: int, *, top_k: int, vocab_size: int,
-        overwrite: bool = False, logprob_dtype: str = "float16", relations: Mapping[str, Any] | None = None,
+        self,
+        path: str | os.PathLike,
+        meta: Mapping[str, Any],
+        num_parts: int,
+        *,
+        top_k: int,
+        vocab_size: int,
+        overwrite: bool = False,
+        logprob_dtype: str = "float16",
+        relations: Mapping[str, Any] | None = None,
         relations_dtype: str = "float16",
     ) -> None:
         if not 1 <= num_parts <= fmt.MAX_PARTS:
@@ -131,9 +150,14 @@ class CacheWriter:
         self.overwrite = overwrite
         self.already_complete = False
         writer_meta = {
-            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "num_parts": num_parts,
-            "vocab_size": int(vocab_size), "top_k": int(top_k), "id_dtype": fmt.id_dtype_for_vocab(vocab_size).name,
-            "position_dtype": fmt.POSITION_DTYPE.name, "logprob_dtype": logprob_dtype,
+            "format": fmt.FORMAT_NAME,
+            "format_version": fmt.FORMAT_VERSION,
+            "num_parts": num_parts,
+            "vocab_size": int(vocab_size),
+            "top_k": int(top_k),
+            "id_dtype": fmt.id_dtype_for_vocab(vocab_size).name,
+            "position_dtype": fmt.POSITION_DTYPE.name,
+            "logprob_dtype": logprob_dtype,
             "label_logprob_dtype": fmt.LABEL_LOGPROB_DTYPE.name,
             "relations": _check_relations_spec(relations, relations_dtype),
         }
@@ -284,8 +308,12 @@ def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[
     for name in array_order(has_relations):
         data = packed[name]
         array = group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=chunk_shape(name, data.shape),
-            compressors=ZstdCodec(level=fmt.ZSTD_LEVEL), fill_value=0,
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunk_shape(name, data.shape),
+            compressors=ZstdCodec(level=fmt.ZSTD_LEVEL),
+            fill_value=0,
         )
         if data.size:
             array[...] = data

@@ -83,6 +83,40 @@ def cache_teacher_command(config_name: str, workers: int, scheduler: str | None,
                   echo=click.echo)
 
 
+@cli.command("train-student")
+@click.option("--config", "config_name", required=True, help=CONFIG_HELP)
+@click.option("--resume", is_flag=True, help="Continue exactly from the latest complete checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start over in an output_dir that holds another run.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.argument("overrides", nargs=-1)
+def train_student_command(config_name: str, resume: bool, overwrite: bool, progress: bool,
+                          overrides: tuple[str, ...]) -> None:
+    """Stage two: train the student from the cache (the teacher is never loaded)."""
+    from pipeline.config_loader import load_config
+    from stages.train_student import train_student
+
+    cfg = load_config(config_name, overrides)
+    train_student(cfg, resume=resume, overwrite=overwrite, progress=progress, echo=click.echo)
+
+
+@cli.command("run-all")
+@click.option("--config", "config_name", required=True, help=CONFIG_HELP)
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Stage one: dask worker processes (0: in this process).")
+@click.option("--overwrite", is_flag=True, help="Replace a mismatched cache / another run's output_dir.")
+@click.option("--resume", is_flag=True, help="Stage two: continue from the latest checkpoint.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@click.argument("overrides", nargs=-1)
+def run_all_command(config_name: str, workers: int, overwrite: bool, resume: bool, progress: bool,
+                    overrides: tuple[str, ...]) -> None:
+    """Both stages (stage one skipped when a matching complete cache exists), then evaluation."""
+    from pipeline.config_loader import load_config
+    from pipeline.run_all import run_all
+
+    cfg = load_config(config_name, overrides)
+    run_all(cfg, workers=workers, overwrite=overwrite, resume=resume, progress=progress, echo=click.echo)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the group, turning user errors into one line and exit code 2."""
     user_errors = _user_error_types()

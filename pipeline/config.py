@@ -21,6 +21,8 @@ from pipeline.errors import ConfigError
 
 TEACHER_BACKENDS = ("vllm", "hf")
 STUDENT_MODES = ("lora", "full")
+STUDENT_DTYPES = ("auto", "bfloat16", "float16", "float32")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOGPROB_MODES = ("raw_logprobs",)
 ON_ERROR_POLICIES = ("fail", "skip")
@@ -99,6 +101,11 @@ class StudentConfig:
     """LoRA settings (used when mode is ``lora``)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    dtype: str = "auto"
+    """Weights while training: ``auto`` (float32 on CPU and for ``full``; a bfloat16 frozen base for ``lora`` on
+    GPUs with bf16), or an explicit dtype. Trainable weights of a bf16/fp16 base stay float32 (peft)."""
+    save_merged: bool = True
+    """``lora``: also write the adapter merged into the base (``final/merged``), loadable without peft (vLLM)."""
 
 
 @dataclass
@@ -181,6 +188,12 @@ class TrainConfig:
     """Log scalars every N steps."""
     num_validation_samples: int = 64
     """Cache samples held out for validation when no validation cache exists."""
+    mixed_precision: str = "auto"
+    """Autocast: ``auto`` (bf16 where the GPU has it, none on CPU), ``no``, ``bf16`` or ``fp16``."""
+    logprob_chunk: int = 1024
+    """Distilled rows per student lm_head / log-softmax chunk (bounds the [chunk, V] logits memory)."""
+    keep_checkpoints: int = 2
+    """Most recent complete checkpoints kept in output_dir/checkpoints (0: keep all)."""
 
 
 @dataclass
@@ -234,6 +247,7 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
                "attention relations need teacher.backend=hf (vLLM exposes no attention)")
         _positive(t.attention.num_heads, source, "teacher.attention.num_heads")
     _one_of(s.mode, STUDENT_MODES, source, "student.mode")
+    _one_of(s.dtype, STUDENT_DTYPES, source, "student.dtype")
     _positive(s.lora.r, source, "student.lora.r")
     _positive(s.lora.alpha, source, "student.lora.alpha")
     _check(0 <= s.lora.dropout < 1, source, "student.lora.dropout", "must be in [0, 1)")
@@ -254,11 +268,15 @@ def _validate_train(tr: TrainConfig, source: str) -> None:
     _positive(tr.grad_accum, source, "train.grad_accum")
     _positive(tr.lr, source, "train.lr")
     for key in ("weight_decay", "max_grad_norm", "kd_weight", "ce_weight", "warmup_steps",
-                "eval_every", "save_every", "log_every", "num_validation_samples"):
+                "eval_every", "save_every", "log_every", "num_validation_samples", "keep_checkpoints"):
         _positive(getattr(tr, key), source, f"train.{key}", allow_zero=True)
     _check(tr.kd_weight > 0 or tr.ce_weight > 0, source, "train.kd_weight",
            "kd_weight and ce_weight are both 0: nothing to train on; set one of them > 0")
     _one_of(tr.kd_kind, KD_KINDS, source, "train.kd_kind")
     _check(0 <= tr.jsd_beta <= 1, source, "train.jsd_beta", f"must be in [0, 1] (got {tr.jsd_beta!r})")
     _positive(tr.temperature, source, "train.temperature")
+    _check(tr.kd_kind != "mse_topk" or tr.temperature == 1.0, source, "train.temperature",
+           "kd_kind=mse_topk compares raw logits and takes no temperature; set train.temperature=1")
     _one_of(tr.topk_handling, TOPK_HANDLING, source, "train.topk_handling")
+    _one_of(tr.mixed_precision, MIXED_PRECISION, source, "train.mixed_precision")
+    _positive(tr.logprob_chunk, source, "train.logprob_chunk")

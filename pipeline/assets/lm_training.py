@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,8 +76,19 @@ def _learning_rate(step: int, plan: TrainingPlan) -> float:
     return plan.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_causal_lm(model, tokenizer, rows: list[dict[str, str]], plan: TrainingPlan, log_every: int = 50) -> dict:
-    """Train ``model`` in place for ``plan.steps`` optimizer steps; returns loss history and timing."""
+def train_causal_lm(
+    model,
+    tokenizer,
+    rows: list[dict[str, str]],
+    plan: TrainingPlan,
+    log_every: int = 50,
+    on_log: Callable[[int], None] | None = None,
+) -> dict:
+    """Train ``model`` in place for ``plan.steps`` optimizer steps; returns step/token counts and timing.
+
+    on_log: called with the step number at every log point (e.g. a quick held-out check); the model is put
+    back in train mode afterwards.
+    """
     torch.manual_seed(plan.seed)
     model.train()
     optimizer = torch.optim.AdamW(
@@ -107,6 +119,9 @@ def train_causal_lm(model, tokenizer, rows: list[dict[str, str]], plan: Training
                 elapsed = time.perf_counter() - started
                 recent = sum(losses[-log_every:]) / len(losses[-log_every:])
                 print(f"step {step}/{plan.steps} epoch {epoch} loss {recent:.4f} {tokens_seen / elapsed:.0f} tok/s", flush=True)
+                if on_log is not None:
+                    on_log(step)
+                    model.train()
         epoch += 1
     model.eval()
     return {

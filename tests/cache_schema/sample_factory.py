@@ -29,7 +29,11 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def make_sample(
-    rng: np.random.Generator, sample_id: str, *, with_relations: bool = False, top_k: int = TOP_K,
+    rng: np.random.Generator,
+    sample_id: str,
+    *,
+    with_relations: bool = False,
+    top_k: int = TOP_K,
     min_pairs: int = 1,
 ) -> dict[str, Any]:
     """A valid sample: teacher sequence = random few-shot prefix + student sequence; ragged lengths.

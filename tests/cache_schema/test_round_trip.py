@@ -77,7 +77,7 @@ def test_read_range_and_iteration_cross_parts(tmp_path):
     written = [sample for part in parts for sample in part]
     block = cache.read_range(2, 8)  # spans all three parts
     assert [s["sample_id"] for s in block] == [s["sample_id"] for s in written[2:8]]
-    for read, sample in zip(block, written[2:8]):
+    for read, sample in zip(block, written[2:8], strict=True):
         assert_sample_equal(read, sample, "float16")
     assert [s["sample_id"] for s in cache] == cache.sample_ids
     assert cache.read_range(5, 5) == []
@@ -89,14 +89,21 @@ def test_read_range_and_iteration_cross_parts(tmp_path):
 
 def test_relations_round_trip(tmp_path):
     parts = make_parts(seed=5, part_sizes=[3, 2], with_relations=True)
-    write_cache(tmp_path / "cache", parts, relations={"layer": 5, "num_relation_heads": NUM_RELATION_HEADS},
-                relations_dtype="float32")
+    write_cache(
+        tmp_path / "cache",
+        parts,
+        relations={"layer": 5, "num_relation_heads": NUM_RELATION_HEADS},
+        relations_dtype="float32",
+    )
     cache = open_cache(tmp_path / "cache")
     assert cache.has_relations
     assert cache.meta["relations"] == {
-        "layer": 5, "num_relation_heads": NUM_RELATION_HEADS, "kinds": ["qq", "kk", "vv"], "dtype": "float32"
+        "layer": 5,
+        "num_relation_heads": NUM_RELATION_HEADS,
+        "kinds": ["qq", "kk", "vv"],
+        "dtype": "float32",
     }
-    for read, sample in zip(cache, [s for part in parts for s in part]):
+    for read, sample in zip(cache, [s for part in parts for s in part], strict=True):
         n = len(sample["label_positions"])
         assert read["relations"].shape == (3, NUM_RELATION_HEADS, n, n)
         np.testing.assert_array_equal(read["relations"], sample["relations"])

@@ -1,0 +1,237 @@
+"""Stage two's student: loading, the training-mode switch, the distillation forward and the final export.
+
+Training modes are a registry (:data:`MODE_SETUPS`, mode name → setup function) so the quantized modes a
+later issue adds plug in without touching the training loop: a setup function takes the loaded causal LM and
+the ``student:`` config and returns the module to train (with ``requires_grad`` set on what trains), and an
+exporter (:data:`MODE_EXPORTS`) writes the HF-format result.
+
+The forward never asks the causal LM for logits: :class:`DistillStudent` runs the decoder (no lm_head) to get
+hidden states [B, T, H], keeps only the N rows that predict a distilled token, and hands them to
+:func:`stages.losses.student_logprobs_at`, which applies the lm_head in chunks. No [B, T, V] tensor exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import StudentConfig
+from pipeline.errors import UserError
+from stages.losses import StudentGather, student_logprobs_at
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------- load
+
+
+def weights_dtype(cfg: StudentConfig, device_type: str) -> torch.dtype:
+    """The dtype the student's weights are loaded in (see ``student.dtype``)."""
+    if cfg.dtype != "auto":
+        return _DTYPES[cfg.dtype]
+    # A frozen LoRA base needs no fp32 master copy; full fine-tuning does (AdamW updates in bf16 stall).
+    if cfg.mode == "lora" and device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"student.model={model!r}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def load_causal_lm(cfg: StudentConfig, dtype: torch.dtype):
+    """The student's initial weights as an AutoModelForCausalLM in ``dtype`` (eager-free default attention)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"student.model={cfg.model!r}: cannot load it as a causal LM "
+                        f"({str(exc).splitlines()[0]})") from None
+
+
+def checkpoint_dtype(model: str) -> torch.dtype:
+    """The dtype the student's checkpoint was saved in (the export is written back in it)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+# ------------------------------------------------------------------------------------------- training modes
+
+
+def _setup_lora(lm: nn.Module, cfg: StudentConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(lm, peft_config)
+    except ValueError as exc:  # e.g. no module matches target_modules
+        raise UserError(f"student.lora.target_modules={list(lora.target_modules)}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    if cfg.gradient_checkpointing:
+        # The frozen embedding output has no grad; checkpointed blocks would then see no input needing one.
+        lm.enable_input_require_grads()
+    return model
+
+
+def _setup_full(lm: nn.Module, cfg: StudentConfig) -> nn.Module:
+    lm.requires_grad_(True)
+    return lm
+
+
+MODE_SETUPS: dict[str, Callable[[nn.Module, StudentConfig], nn.Module]] = {
+    "lora": _setup_lora,
+    "full": _setup_full,
+}
+"""student.mode → function(causal LM, student config) -> the module that trains. Quantized modes add here."""
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a mode's module (a PeftModel wraps it; ``full`` is the LM itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def build_student(cfg: StudentConfig, device_type: str) -> tuple[nn.Module, Any]:
+    """(module to train, tokenizer): loads the student, switches on its training mode."""
+    if cfg.mode not in MODE_SETUPS:
+        raise UserError(f"student.mode={cfg.mode!r} has no setup; known modes: {', '.join(MODE_SETUPS)}")
+    tokenizer = load_tokenizer(cfg.model)
+    lm = load_causal_lm(cfg, weights_dtype(cfg, device_type))
+    lm.config.use_cache = False  # training: no KV cache
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs, DDP and the checkpointed lm_head chunks alike.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = MODE_SETUPS[cfg.mode](lm, cfg)
+    return model, tokenizer
+
+
+def embedding_rows(model: nn.Module) -> int:
+    """Rows of the student's output embedding (may exceed the tokenizer's vocabulary: padding)."""
+    return int(causal_lm_of(model).get_output_embeddings().weight.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+class DistillStudent(nn.Module):
+    """The student as stage two calls it: distilled rows in, :class:`StudentGather` out.
+
+    One module (rather than calling the decoder and lm_head from the loop) so accelerate's wrappers (DDP,
+    autocast) see every forward: DDP only syncs gradients of parameters used inside its own forward call.
+    """
+
+    def __init__(self, model: nn.Module, *, chunk_size: int):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        config = causal_lm_of(model).config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        # Gemma-2-style final logit soft-capping is part of the model's distribution; keep it.
+        self.logit_softcap = getattr(text_config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, row_index: Tensor, label_positions: Tensor,
+                topk_ids: Tensor, label_ids: Tensor, temperature: float = 1.0) -> StudentGather:
+        """input_ids, attention_mask [B, T]; row_index, label_positions, label_ids [N]; topk_ids [N, K].
+
+        The token at position p is predicted by the hidden state at p - 1 (p >= 1 in every cache).
+        """
+        lm = causal_lm_of(self.model)
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state  # [B, T, H]
+        rows = hidden[row_index, label_positions - 1]  # [N, H]
+        return student_logprobs_at(rows, lm.get_output_embeddings(), topk_ids, label_ids,
+                                   temperature=temperature, chunk_size=self.chunk_size,
+                                   logit_softcap=self.logit_softcap)
+
+
+# --------------------------------------------------------------------------------------- trainable state
+
+
+def trainable_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint must hold of the weights: only parameters that train (the adapter for lora).
+
+    A frozen base is reloaded from student.model on resume; saving it every checkpoint would cost its full
+    size on disk each time.
+    """
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """Copy a :func:`trainable_state_dict` back; refuse one whose names or shapes differ (another model)."""
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise UserError(f"{where}: checkpoint weights do not fit this student (missing {missing[:2]}, "
+                        f"unexpected {extra[:2]}); pass --overwrite to start over")
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != state[name].shape:
+                raise UserError(f"{where}: checkpoint weight {name} has shape {tuple(state[name].shape)}, the "
+                                f"student's is {tuple(param.shape)}; pass --overwrite to start over")
+            param.copy_(state[name].to(param.device, param.dtype))
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def _export_lora(model: nn.Module, tokenizer, cfg: StudentConfig, directory: Path) -> dict[str, str]:
+    paths = {"adapter": str(directory / "adapter")}
+    model.save_pretrained(paths["adapter"])
+    tokenizer.save_pretrained(paths["adapter"])
+    if cfg.save_merged:
+        # Merge in the training dtype (fp32 on CPU) and only then cast, so rounding happens once.
+        merged = model.merge_and_unload()
+        merged.to(checkpoint_dtype(cfg.model))
+        merged.config.use_cache = True
+        paths["model"] = str(directory / "merged")
+        merged.save_pretrained(paths["model"])
+        tokenizer.save_pretrained(paths["model"])
+    return paths
+
+
+def _export_full(model: nn.Module, tokenizer, cfg: StudentConfig, directory: Path) -> dict[str, str]:
+    paths = {"model": str(directory / "model")}
+    model.to(checkpoint_dtype(cfg.model))
+    model.config.use_cache = True
+    model.save_pretrained(paths["model"])
+    tokenizer.save_pretrained(paths["model"])
+    return paths
+
+
+MODE_EXPORTS: dict[str, Callable[[nn.Module, Any, StudentConfig, Path], dict[str, str]]] = {
+    "lora": _export_lora,
+    "full": _export_full,
+}
+"""student.mode → function(trained module, tokenizer, config, directory) -> {"model"|"adapter": path}."""
+
+
+def export_final(model: nn.Module, tokenizer, cfg: StudentConfig, final_dir: Path) -> dict[str, str]:
+    """Write the trained student in HF format under ``final_dir`` (temp dir, then rename).
+
+    Consumes ``model``: merging and casting happen in place, so call this once training is over.
+    """
+    if cfg.gradient_checkpointing:
+        causal_lm_of(model).gradient_checkpointing_disable()
+    staging = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    paths = MODE_EXPORTS[cfg.mode](model, tokenizer, cfg, staging)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    staging.rename(final_dir)
+    return {key: str(final_dir / Path(path).name) for key, path in paths.items()}
