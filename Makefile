@@ -20,13 +20,14 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
            VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} PYTHONUNBUFFERED=1
 
-.PHONY: help install demo test test-fast cache-teacher inspect-cache assets clean
+.PHONY: help install demo test test-fast cache-teacher train-student assets clean
 
 help:
 	@echo "make demo            install if needed, then run the pipeline on configs/tiny.yaml (CPU, offline)"
 	@echo "make test            install if needed, then run the whole test suite"
 	@echo "make install         create .venv: torch $(TORCH_VERSION) first, vLLM, then this project [dev]"
 	@echo "make cache-teacher   stage one:  CONFIG=tiny.yaml ARGS='teacher.backend=hf'"
+	@echo "make train-student   stage two:  CONFIG=tiny.yaml ARGS='train.max_steps=20'"
 	@echo "make assets          rebuild the tiny embedded assets (deterministic; ~15 min on 2 cores)"
 
 install: $(STAMP)
@@ -58,6 +59,9 @@ test-fast: $(STAMP)
 
 cache-teacher: $(STAMP)
 	$(RUN_ENV) $(BIN)/pipeline cache-teacher --config $(CONFIG) $(ARGS)
+
+train-student: $(STAMP)
+	$(RUN_ENV) $(BIN)/pipeline train-student --config $(CONFIG) $(ARGS)
 
 assets: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m pipeline.assets.build_tiny

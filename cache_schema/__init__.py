@@ -3,7 +3,7 @@
 See cache_schema/README.md for the format specification.
 """
 
-from cache_schema.cache_state import peek_cache_state
+from cache_schema.cache_state import peek_cache_state, read_part_commit
 from cache_schema.fingerprints import file_fingerprint, json_fingerprint, samples_fingerprint, tokenizer_fingerprint
 from cache_schema.format import (
     FORMAT_NAME,
@@ -31,6 +31,7 @@ __all__ = [
     "json_fingerprint",
     "open_cache",
     "peek_cache_state",
+    "read_part_commit",
     "samples_fingerprint",
     "tokenizer_fingerprint",
     "write_part",

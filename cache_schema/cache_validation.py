@@ -13,8 +13,7 @@ import numpy as np
 
 from cache_schema import format as fmt
 from cache_schema.part_layout import part_checksum
-from cache_schema.sample_checks import sample_problems
-from cache_schema.writer import rules_from_meta
+from cache_schema.sample_checks import rules_from_meta, sample_problems
 
 if TYPE_CHECKING:
     from cache_schema.reader import KDCache, PartView

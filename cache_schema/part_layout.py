@@ -86,7 +86,8 @@ def _offsets(lengths: Sequence[int]) -> np.ndarray:
 def _concat(arrays: Sequence[np.ndarray], dtype: np.dtype, tail_shape: tuple[int, ...] = ()) -> np.ndarray:
     if not arrays:
         return np.zeros((0,) + tail_shape, dtype=dtype)
-    return np.concatenate([np.asarray(a, dtype=dtype) for a in arrays]).reshape((-1,) + tail_shape)
+    with np.errstate(over="ignore"):  # float16 overflow becomes inf here; the writer checks and refuses it
+        return np.concatenate([np.asarray(a, dtype=dtype) for a in arrays]).reshape((-1,) + tail_shape)
 
 
 def pack_samples(samples: Sequence[Mapping[str, Any]], dtypes: StorageDtypes, top_k: int) -> dict[str, np.ndarray]:

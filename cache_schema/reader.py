@@ -83,7 +83,8 @@ def _check_header(path: Path) -> dict[str, Any]:
         raise fmt.CacheFormatError(f"{path}: unknown format_version {version!r}")
     if version > fmt.FORMAT_VERSION:
         raise fmt.CacheFormatError(
-            f"{path} has format_version {version}, newer than this code supports ({fmt.FORMAT_VERSION}); upgrade cache_schema"
+            f"{path} has format_version {version}, newer than this code supports ({fmt.FORMAT_VERSION}); "
+            "upgrade cache_schema"
         )
     if state == "incomplete":
         raise fmt.IncompleteCacheError(

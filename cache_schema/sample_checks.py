@@ -39,6 +39,18 @@ class SampleRules:
     relation_row_tolerance: float = RELATION_ROW_SUM_TOLERANCE["float32"]
 
 
+def rules_from_meta(meta: Mapping[str, Any]) -> SampleRules:
+    """Sample invariants of a cache, from its root metadata (tolerances follow the storage dtypes)."""
+    relations = meta.get("relations")
+    return SampleRules(
+        vocab_size=int(meta["vocab_size"]),
+        top_k=int(meta["top_k"]),
+        num_relation_heads=int(relations["num_relation_heads"]) if relations else None,
+        kept_mass_tolerance=KEPT_MASS_TOLERANCE[meta["logprob_dtype"]],
+        relation_row_tolerance=RELATION_ROW_SUM_TOLERANCE[relations["dtype"]] if relations else 0.0,
+    )
+
+
 def _as_array(name: str, value: Any, sample_id: str) -> np.ndarray:
     array = np.asarray(value)
     if array.size == 0 and array.dtype == np.float64 and name in _INT_KEYS:
@@ -58,6 +70,8 @@ def coerce_sample(sample: Mapping[str, Any], rules: SampleRules) -> dict[str, An
     Shapes: input_ids [T], teacher_input_ids [Tt], label_positions/teacher_positions/label_logprobs [n],
     topk_ids/topk_logprobs [n, K], relations [3, A_r, n, n]. Raises CacheValidationError naming the sample.
     """
+    if not isinstance(sample, Mapping):
+        raise CacheValidationError(f"a sample must be a dict of arrays, got {type(sample).__name__}")
     sample_id = sample.get("sample_id")
     if not isinstance(sample_id, str) or not sample_id:
         raise CacheValidationError(f"sample_id must be a non-empty str, got {sample_id!r}")

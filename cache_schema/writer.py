@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
@@ -31,23 +32,29 @@ from cache_schema.part_layout import (
     pack_samples,
     part_checksum,
 )
-from cache_schema.sample_checks import SampleRules, coerce_sample, sample_problems
+from cache_schema.sample_checks import coerce_sample, rules_from_meta, sample_problems
 
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def rules_from_meta(meta: Mapping[str, Any]) -> SampleRules:
-    """Sample invariants of a cache, from its root metadata (tolerances follow the storage dtypes)."""
-    relations = meta.get("relations")
-    return SampleRules(
-        vocab_size=int(meta["vocab_size"]),
-        top_k=int(meta["top_k"]),
-        num_relation_heads=int(relations["num_relation_heads"]) if relations else None,
-        kept_mass_tolerance=fmt.KEPT_MASS_TOLERANCE[meta["logprob_dtype"]],
-        relation_row_tolerance=fmt.RELATION_ROW_SUM_TOLERANCE[relations["dtype"]] if relations else 0.0,
-    )
+def _relations_from_meta(meta: Mapping[str, Any], relations: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """Accept the relations spec either as the `relations` argument or as meta["relations"] (same keys;
+    `kinds`, if given, must be the standard ["qq", "kk", "vv"]); both given must agree."""
+    from_meta = meta.get("relations")
+    if from_meta is None:
+        return relations
+    if not isinstance(from_meta, Mapping) or list(from_meta.get("kinds", fmt.RELATION_KINDS)) != list(
+        fmt.RELATION_KINDS
+    ):
+        raise fmt.CacheError(
+            f"meta['relations'] must be {{'layer', 'num_relation_heads'}} with kinds qq/kk/vv, got {from_meta!r}"
+        )
+    spec = {key: from_meta.get(key) for key in ("layer", "num_relation_heads")}
+    if relations is not None and dict(relations) != spec:
+        raise fmt.CacheError(f"relations={dict(relations)!r} disagrees with meta['relations']={dict(from_meta)!r}")
+    return spec
 
 
 def _check_relations_spec(relations: Mapping[str, Any] | None, relations_dtype: str) -> dict[str, Any] | None:
@@ -75,7 +82,8 @@ def _check_user_meta(meta: Mapping[str, Any], writer_meta: Mapping[str, Any]) ->
     fingerprints = meta["fingerprints"]
     if not isinstance(fingerprints, Mapping) or any(k not in fingerprints for k in fmt.REQUIRED_FINGERPRINTS):
         raise fmt.CacheError(
-            f"cache meta['fingerprints'] must be a dict with keys {list(fmt.REQUIRED_FINGERPRINTS)}, got {fingerprints!r}"
+            f"cache meta['fingerprints'] must be a dict with keys {list(fmt.REQUIRED_FINGERPRINTS)}, "
+            f"got {fingerprints!r}"
         )
     for key in fmt.WRITER_KEYS:
         if key in meta and meta[key] != writer_meta.get(key):
@@ -159,10 +167,11 @@ class CacheWriter:
             "position_dtype": fmt.POSITION_DTYPE.name,
             "logprob_dtype": logprob_dtype,
             "label_logprob_dtype": fmt.LABEL_LOGPROB_DTYPE.name,
-            "relations": _check_relations_spec(relations, relations_dtype),
+            "relations": _check_relations_spec(_relations_from_meta(meta, relations), relations_dtype),
         }
-        _check_user_meta(meta, writer_meta)
-        self.meta: dict[str, Any] = {**dict(meta), **writer_meta}
+        user_meta = {key: value for key, value in meta.items() if key != "relations"}  # merged just above
+        _check_user_meta(user_meta, writer_meta)
+        self.meta: dict[str, Any] = {**user_meta, **writer_meta}
 
     def __enter__(self) -> "CacheWriter":
         state, existing = peek_cache_state(self.path)
@@ -286,6 +295,19 @@ def _coerce_all(samples: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], p
     return coerced
 
 
+def _check_storage_range(packed: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], part_id: int) -> None:
+    """A finite logprob below float16's range (-65504) would be stored as -inf: refuse instead of corrupting."""
+    finite_rows = np.isfinite(packed[fmt.TOPK_LOGPROBS]).all(axis=1)  # [N]
+    if finite_rows.all():
+        return
+    first_row = int(np.flatnonzero(~finite_rows)[0])
+    sample_index = int(np.searchsorted(packed[fmt.LABEL_OFFSETS], first_row, side="right") - 1)
+    raise fmt.CacheValidationError(
+        f"part {part_id}: sample {samples[sample_index]['sample_id']!r} has topk_logprobs below the "
+        f"{packed[fmt.TOPK_LOGPROBS].dtype} range; use logprob_dtype='float32'"
+    )
+
+
 def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Validate `samples`, write them as part `part_id` of the cache at `path`, then commit the part.
 
@@ -300,6 +322,7 @@ def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[
     coerced = _coerce_all(samples, meta, part_id)
     dtypes = StorageDtypes.from_meta(meta)
     packed = pack_samples(coerced, dtypes, int(meta["top_k"]))
+    _check_storage_range(packed, coerced, part_id)
     has_relations = dtypes.relations is not None
 
     part_dir = path / fmt.part_path(part_id)

@@ -16,6 +16,7 @@ independently and deterministically (batches never cross a part), so two workers
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -167,7 +168,11 @@ _WORKER_BACKENDS: dict[str, Any] = {}
 
 
 def _worker_backend(settings: BackendSettings, pin_gpus: int):
+    from transformers.utils import logging as transformers_logging
+
     from stages.teacher.scoring import load_backend
+
+    transformers_logging.disable_progress_bar()   # stage one's own bar reports progress
 
     key = json_fingerprint(settings.__dict__ | {"relations": str(settings.relations)})
     if key not in _WORKER_BACKENDS:
@@ -257,6 +262,8 @@ def _run_on_dask(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, s
     from distributed import Client, LocalCluster, as_completed
 
     num_gpus = _visible_gpu_count() if scheduler is None else 0
+    # Workers slow to exit after the last shard are killed at close; that is expected, not worth a warning.
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
     # vLLM starts its own processes; dask's daemonic workers may not have children.
     with dask.config.set({"distributed.worker.daemon": False}):
         cluster = None if scheduler else LocalCluster(

@@ -181,8 +181,11 @@ class HFTeacherBackend:
             stop = start + positions.size
             relations = None
             if projections is not None:
-                q, k, v = (projections[name][row, target_pos[start:stop]] for name in ("q_proj", "k_proj", "v_proj"))
-                relations = relation_matrices(q, k, v, self.settings.relations.num_heads).float().cpu().numpy()
+                # answer tokens themselves (tp), fp32 so bf16 teachers still store fp32 relations
+                q, k, v = (
+                    projections[name][row, target_pos[start:stop]].float() for name in ("q_proj", "k_proj", "v_proj")
+                )
+                relations = relation_matrices(q, k, v, self.settings.relations.num_heads).cpu().numpy()
             results.append(
                 ScoreResult(
                     topk_ids=topk_ids[start:stop],

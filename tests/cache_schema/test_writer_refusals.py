@@ -175,3 +175,20 @@ def test_part_id_out_of_range(tmp_path):
     with _writer(tmp_path / "cache", num_parts=2):
         with pytest.raises(CacheError, match="part_id 2 out of range"):
             write_part(tmp_path / "cache", 2, [])
+
+
+def test_logprob_below_float16_range_refused_not_stored_as_inf(tmp_path):
+    samples = make_parts(seed=57, part_sizes=[2])[0]
+    samples[1]["topk_logprobs"][0, -1] = -70000.0  # finite in float32, -inf in float16
+    with _writer(tmp_path / "cache") as writer:
+        with pytest.raises(CacheValidationError, match="'p0-s1' has topk_logprobs below the float16 range"):
+            write_part(tmp_path / "cache", 0, samples)
+        assert writer.pending_parts() == [0]
+    write_cache(tmp_path / "wide", [samples], logprob_dtype="float32")
+    assert open_cache(tmp_path / "wide")[1]["topk_logprobs"][0, -1] == -70000.0
+
+
+def test_non_dict_sample_refused(tmp_path):
+    with _writer(tmp_path / "cache"):
+        with pytest.raises(CacheValidationError, match="a sample must be a dict"):
+            write_part(tmp_path / "cache", 0, [("not", "a", "dict")])

@@ -158,8 +158,8 @@ def test_two_ranks_split_each_single_process_global_batch(cache):
 
 
 def test_prefetch_on_and_off_give_identical_batches(cache):
-    streams = [CacheStream(cache, range(len(cache)), batch_size=5, seed=9, pad_id=PAD, prefetch=depth)
-               for depth in (0, 1, 4)]
+    streams = [CacheStream(cache, range(len(cache)), batch_size=5, seed=9, pad_id=PAD, prefetch=depth,
+                           read_threads=threads) for depth, threads in ((0, 1), (1, 1), (4, 3))]
     batches = [take(stream, 9) for stream in streams]
     assert_batches_equal(batches[0], batches[1])
     assert_batches_equal(batches[0], batches[2])
@@ -206,12 +206,16 @@ def test_close_stops_the_thread_and_the_stream_restarts(cache):
 
 def test_an_unclosed_stream_does_not_hang_interpreter_exit(cache):
     script = textwrap.dedent(f"""
+        import time
         from cache_schema import open_cache
         from stages.student_data import CacheStream
-        stream = CacheStream(open_cache({str(cache.path)!r}), range(24), batch_size=2, seed=0, pad_id=0, prefetch=4)
+        stream = CacheStream(open_cache({str(cache.path)!r}), range(24), batch_size=2, seed=0, pad_id=0, prefetch=2,
+                             read_threads=1)
         print(next(stream).batch_size)
+        while not stream._prefetcher._queue.full():  # the thread is now blocked handing over a batch
+            time.sleep(0.01)
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2"
 

@@ -12,6 +12,10 @@ from stages.teacher.scoring import checked_request_arrays, load_backend
 from stages.teacher.vllm_backend import parse_prompt_logprobs
 
 
+def Logprob(logprob: float, rank: int) -> SimpleNamespace:  # noqa: N802 - mimics vllm.logprobs.Logprob
+    return SimpleNamespace(logprob=logprob, rank=rank)
+
+
 def flat_logprobs(per_position: list[list[tuple[int, float, int]]]) -> SimpleNamespace:
     """Mimic vllm.logprobs.FlatLogprobs: per position a list of (token_id, logprob, rank), actual token first."""
     flat = SimpleNamespace(start_indices=[], end_indices=[], token_ids=[], logprobs=[], ranks=[])
@@ -33,7 +37,8 @@ def test_parse_flat_prompt_logprobs_orders_by_rank_and_keeps_label():
             [(4, -0.5, 1), (5, -3.0, 3), (4, -0.5, 1), (6, -1.5, 2)],  # actual in top-K, ranks out of order
         ]
     )
-    ids, logprobs, labels = parse_prompt_logprobs(prompt_logprobs, np.array([2, 1]), top_k=3, request_index=0)
+    prompt = np.array([1, 9, 4])
+    ids, logprobs, labels = parse_prompt_logprobs(prompt_logprobs, prompt, np.array([2, 1]), top_k=3, request_index=0)
     np.testing.assert_array_equal(ids, [[4, 6, 5], [3, 4, 5]])
     np.testing.assert_array_equal(logprobs, np.array([[-0.5, -1.5, -3.0], [-0.1, -1.0, -2.0]], np.float32))
     np.testing.assert_array_equal(labels, np.array([-0.5, -5.0], np.float32))
@@ -43,7 +48,20 @@ def test_parse_flat_prompt_logprobs_orders_by_rank_and_keeps_label():
 def test_parse_refuses_missing_ranks():
     prompt_logprobs = flat_logprobs([[], [(9, -5.0, 7), (3, -0.1, 1), (5, -2.0, 3)]])
     with pytest.raises(RuntimeError, match=r"request 4: vLLM returned ranks \[1\] at position 1, expected 1..2"):
-        parse_prompt_logprobs(prompt_logprobs, np.array([1]), top_k=2, request_index=4)
+        parse_prompt_logprobs(prompt_logprobs, np.array([1, 9]), np.array([1]), top_k=2, request_index=4)
+
+
+def test_parse_refuses_misaligned_actual_token():
+    prompt_logprobs = flat_logprobs([[], [(9, -5.0, 7), (3, -0.1, 1)]])
+    with pytest.raises(RuntimeError, match="request 0: vLLM prompt logprobs at position 1 do not start with the"):
+        parse_prompt_logprobs(prompt_logprobs, np.array([1, 3]), np.array([1]), top_k=1, request_index=0)
+
+
+def test_parse_dict_form_uses_actual_token_and_rank():
+    entry = {3: Logprob(-0.1, 1), 9: Logprob(-5.0, 7), 4: Logprob(-1.0, 2)}
+    ids, logprobs, labels = parse_prompt_logprobs([None, entry], np.array([1, 9]), np.array([1]), 2, 0)
+    np.testing.assert_array_equal(ids, [[3, 4]])
+    np.testing.assert_array_equal(labels, np.array([-5.0], np.float32))
 
 
 def test_vllm_import_failure_raises_backend_unavailable(monkeypatch, tmp_path):

@@ -41,7 +41,10 @@ def max_deviation(results, references) -> float:
     """Largest |difference| over top-K logprobs (by rank) and label logprobs."""
     top_k = results[0].topk_logprobs.shape[1]
     return max(
-        max(np.abs(r.topk_logprobs - ref.topk_logprobs[:, :top_k]).max(), np.abs(r.label_logprobs - ref.label_logprobs).max())
+        max(
+            np.abs(r.topk_logprobs - ref.topk_logprobs[:, :top_k]).max(),
+            np.abs(r.label_logprobs - ref.label_logprobs).max(),
+        )
         for r, ref in zip(results, references)
     )
 
