@@ -48,8 +48,7 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(RUN_ENV) $(BIN)/pipeline cache-teacher --config $(CONFIG) $(ARGS)
-	$(RUN_ENV) $(BIN)/pipeline inspect-cache runs/tiny/cache --validate
+	$(RUN_ENV) $(BIN)/pipeline run-all --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m pytest -q --durations=15

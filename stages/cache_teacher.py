@@ -167,7 +167,8 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
 _WORKER_BACKENDS: dict[str, Any] = {}
 
 
-def _worker_backend(settings: BackendSettings, pin_gpus: int):
+def _worker_backend(settings: BackendSettings, pin_gpus: int) -> tuple[Any, float]:
+    """This process's engine for ``settings`` (loaded on first use) and the seconds spent loading it now."""
     from transformers.utils import logging as transformers_logging
 
     from stages.teacher.scoring import load_backend
@@ -175,12 +176,16 @@ def _worker_backend(settings: BackendSettings, pin_gpus: int):
     transformers_logging.disable_progress_bar()   # stage one's own bar reports progress
 
     key = json_fingerprint(settings.__dict__ | {"relations": str(settings.relations)})
-    if key not in _WORKER_BACKENDS:
-        if pin_gpus:
-            _pin_gpu_for_this_worker(pin_gpus)
-        _WORKER_BACKENDS.clear()
-        _WORKER_BACKENDS[key] = load_backend(settings)
-    return _WORKER_BACKENDS[key]
+    if key in _WORKER_BACKENDS:
+        return _WORKER_BACKENDS[key], 0.0
+    if pin_gpus:
+        _pin_gpu_for_this_worker(pin_gpus)
+    # vLLM's INFO logs are per request batch; keep warnings unless the user asked for more.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    started = time.perf_counter()
+    _WORKER_BACKENDS.clear()
+    _WORKER_BACKENDS[key] = load_backend(settings)
+    return _WORKER_BACKENDS[key], time.perf_counter() - started
 
 
 def _pin_gpu_for_this_worker(num_gpus: int) -> None:
@@ -196,7 +201,7 @@ def score_shard(settings: BackendSettings, cache_path: str, part_id: int, shard:
                 pin_gpus: int = 0) -> dict[str, float]:
     """Score one shard with this process's engine and write it as cache part ``part_id`` (commit last)."""
     started = time.perf_counter()
-    backend = _worker_backend(settings, pin_gpus)
+    backend, load_seconds = _worker_backend(settings, pin_gpus)
     requests = [ScoreRequest(s.pair.teacher_input_ids, np.asarray(s.pair.teacher_positions, dtype=np.int64))
                 for s in shard]
     results = backend.score(requests)
@@ -214,6 +219,7 @@ def score_shard(settings: BackendSettings, cache_path: str, part_id: int, shard:
         samples.append(sample)
     write_part(cache_path, part_id, samples)
     return {"part_id": part_id, "samples": len(shard), "seconds": time.perf_counter() - started,
+            "load_seconds": load_seconds,
             "teacher_tokens": sum(len(s.pair.teacher_input_ids) for s in shard),
             "positions": sum(len(s.pair.label_positions) for s in shard)}
 
@@ -226,6 +232,8 @@ class RunStats:
     teacher_tokens: int = 0
     positions: int = 0
     seconds: float = 0.0
+    engine_start_seconds: float = 0.0
+    """Longest engine load among the workers (overlaps with other workers' scoring)."""
 
 
 def _progress(total_samples: int, done_samples: int, enabled: bool):
@@ -240,7 +248,8 @@ def _record(stats: RunStats, bar, part_stats: dict, started: float) -> None:
     stats.samples += int(part_stats["samples"])
     stats.teacher_tokens += int(part_stats["teacher_tokens"])
     stats.positions += int(part_stats["positions"])
-    elapsed = max(time.perf_counter() - started, 1e-9)
+    stats.engine_start_seconds = max(stats.engine_start_seconds, float(part_stats["load_seconds"]))
+    elapsed = max(time.perf_counter() - started - stats.engine_start_seconds, 1e-9)
     bar.update(int(part_stats["samples"]))
     bar.set_postfix(samples_s=f"{stats.samples / elapsed:.1f}", tokens_s=f"{stats.teacher_tokens / elapsed:.0f}")
 
@@ -318,7 +327,8 @@ def summarize(plan: StageOnePlan, stats: RunStats) -> dict[str, Any]:
     from cache_schema import open_cache
 
     cache_stats = open_cache(plan.cfg.cache.path).stats()
-    seconds = max(stats.seconds, 1e-9)
+    # Throughput excludes the engine start (vLLM on CPU: ~1 min) so runs of different sizes compare.
+    seconds = max(stats.seconds - stats.engine_start_seconds, 1e-9)
     return {
         "cache": plan.cfg.cache.path, "backend": plan.cfg.teacher.backend, "top_k": plan.cfg.teacher.top_k,
         "samples": cache_stats["samples"], "scored_positions": cache_stats["distilled_positions"],
@@ -326,6 +336,7 @@ def summarize(plan: StageOnePlan, stats: RunStats) -> dict[str, Any]:
         "bytes_per_position": cache_stats["bytes_per_position"],
         "parts": len(plan.shards), "parts_reused": stats.parts_reused, "parts_scored": stats.parts_scored,
         "skipped_samples": len(plan.skipped), "shots_trimmed": plan.trimmed, "seconds": round(stats.seconds, 2),
+        "engine_start_seconds": round(stats.engine_start_seconds, 2),
         "teacher_tokens_per_s": round(stats.teacher_tokens / seconds, 1),
         "scored_positions_per_s": round(stats.positions / seconds, 1),
         "samples_per_s": round(stats.samples / seconds, 2),
@@ -337,7 +348,7 @@ def format_summary(summary: dict[str, Any], skipped: list[str]) -> str:
              f"(K={summary['top_k']}, {summary['backend']}) in {summary['cache']}",
              f"  {summary['bytes_per_position']:.1f} bytes per scored position on disk; "
              f"{summary['teacher_tokens_per_s']:.0f} teacher tokens/s, {summary['samples_per_s']:.2f} samples/s "
-             f"over {summary['seconds']:.1f} s",
+             f"(run {summary['seconds']:.1f} s, of which engine start {summary['engine_start_seconds']:.1f} s)",
              f"  parts: {summary['parts']} ({summary['parts_reused']} reused, {summary['parts_scored']} scored); "
              f"skipped samples: {summary['skipped_samples']}; samples with fewer shots: {summary['shots_trimmed']}"]
     lines += [f"  skipped {reason}" for reason in skipped[:5]]

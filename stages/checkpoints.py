@@ -8,6 +8,7 @@ Layout of ``train.output_dir``::
     checkpoints/step-000020/      accelerate state (optimizer, RNG per process, scheduler), trainable weights,
                                   stream_rank<r>.pt (each process's stream position), trainer_state.json
     final/                        the HF-format result (adapter/, merged/ or model/)
+    summary.json                  the closing numbers of the last finished run
 
 A checkpoint is written to ``checkpoints/.tmp-step-NNNNNN`` and renamed when complete; ``trainer_state.json``
 is its last file. A kill mid-save leaves only a ``.tmp-`` directory, which resume never picks and the next run
@@ -38,7 +39,7 @@ WEIGHTS_FILE = "trainable_weights.pt"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _TMP_PREFIX = ".tmp-"
 # Artifacts this stage writes; --overwrite removes these and nothing else.
-OWN_ENTRIES = (RUN_FILE, "metrics.jsonl", "tensorboard", CHECKPOINTS, "final", "final.tmp")
+OWN_ENTRIES = (RUN_FILE, "metrics.jsonl", "tensorboard", CHECKPOINTS, "final", "final.tmp", "summary.json")
 
 # Keys that do not change the trajectory of steps 1..N, so a run may be resumed with them changed.
 # train.max_steps changes the cosine horizon: resuming with another value continues, but the lr jumps.

@@ -23,6 +23,7 @@ first backward, and the step counter then lives in our checkpoint, not in accele
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -42,6 +43,9 @@ from stages.student_data import CacheMismatch, CacheStream, check_student_compat
 from stages.student_model import (DistillStudent, build_student, export_final, load_tokenizer,
                                   load_trainable_state_dict, trainable_state_dict)
 from stages.train_metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, PeakMemory
+
+
+SUMMARY_FILE = "summary.json"
 
 
 def _quiet(*_: Any) -> None:
@@ -108,11 +112,21 @@ def _check_tokenizer(cfg: Config, cache) -> Any:
     return tokenizer
 
 
-def _mixed_precision(setting: str) -> str:
+def _use_cpu() -> bool:
+    """Train on CPU: asked for (``accelerate launch --cpu``) or no GPU.
+
+    Telling accelerate explicitly matters: only with cpu=True does a process started by torchrun /
+    ``accelerate launch --multi_gpu`` on a GPU-less machine join a gloo process group (MULTI_CPU) instead of
+    training alone.
+    """
+    asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return asked or not torch.cuda.is_available()
+
+
+def _mixed_precision(setting: str, cpu: bool) -> str:
     if setting != "auto":
         return setting
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if not cpu and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"  # CPU autocast to bf16 is slow on most CPUs and changes numerics; fp32 there
 
@@ -172,7 +186,8 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
 
     cache = open_student_cache(cfg.cache.path)
     tokenizer = _check_tokenizer(cfg, cache)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
+    cpu = _use_cpu()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg.train.mixed_precision, cpu))
     if not accelerator.is_main_process:
         say = _quiet  # one voice per run
     identity = ckpt.run_identity(cfg, cache.meta)
@@ -434,8 +449,27 @@ def finish(plan: StageTwoPlan, result: RunResult) -> dict[str, Any]:
     if acc.is_main_process:
         module = acc.unwrap_model(plan.model)
         final_paths = export_final(module.model, plan.tokenizer, plan.cfg.student, plan.output_dir / "final")
+    summary = summarize(plan, result, final_paths)
+    if acc.is_main_process:
+        # The numbers a later stage (evaluation, reports) reads without parsing logs.
+        (plan.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     acc.wait_for_everyone()
-    return summarize(plan, result, final_paths)
+    return summary
+
+
+def _finished_run(cfg: Config) -> dict[str, Any] | None:
+    """The saved summary of this config's run when it already reached train.max_steps and exported its final
+    model, else None. Checked before anything heavy loads (read-only, so every process may check)."""
+    out = Path(cfg.train.output_dir)
+    found = ckpt.complete_checkpoints(out)
+    if not found or found[-1][0] < cfg.train.max_steps or not (out / SUMMARY_FILE).is_file():
+        return None
+    existing = ckpt.read_run_file(out)
+    identity = ckpt.run_identity(cfg, open_student_cache(cfg.cache.path).meta)
+    if existing is None or (existing.get("config_fingerprint"), existing.get("cache_fingerprints")) != (
+            identity["config_fingerprint"], identity["cache_fingerprints"]):
+        return None  # another run: setup() refuses it with the full message
+    return {**json.loads((out / SUMMARY_FILE).read_text()), "steps": found[-1][0]}
 
 
 def train_student(cfg: Config, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -445,13 +479,13 @@ def train_student(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight loading/saving bars too
+    done = _finished_run(cfg) if resume and not overwrite else None
+    if done is not None:
+        echo(f"stage two: nothing to do — {cfg.train.output_dir} already reached step {done['steps']} "
+             f"(final model in {cfg.train.output_dir}/final)")
+        return {**done, "nothing_to_do": True}
     plan = setup(cfg, resume=resume, overwrite=overwrite, say=echo)
     say = echo if plan.accelerator.is_main_process else _quiet
-    if plan.start_step >= cfg.train.max_steps and (plan.output_dir / "final").exists():
-        say(f"stage two: nothing to do — {plan.output_dir} already reached step {plan.start_step}")
-        plan.stream.close()
-        return {"nothing_to_do": True, "steps": plan.start_step, "output_dir": str(plan.output_dir),
-                "final": str(plan.output_dir / "final")}
     result = run(plan, progress=progress and plan.accelerator.is_main_process)
     summary = finish(plan, result)
     say(format_summary(summary))

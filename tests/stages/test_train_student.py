@@ -146,7 +146,8 @@ def test_full_mode_trains_every_weight_and_exports_the_model(random_world, tmp_p
                                             "train.max_steps=4"), progress=False, echo=quiet)
     assert set(summary["final"]) == {"model"}
     weights = _trainable(out / "checkpoints/step-000004")
-    assert "model.model.embed_tokens.weight" in weights and len(weights) == 2 * 11 + 2  # every weight: 11 per layer, embedding, norm
+    # every weight: 11 per layer (4 projections, 2 qk-norms, 3 MLP, 2 layer norms), the tied embedding, the norm
+    assert "model.model.embed_tokens.weight" in weights and len(weights) == 2 * 11 + 2
     trained = AutoModelForCausalLM.from_pretrained(summary["final"]["model"])
     fresh = AutoModelForCausalLM.from_pretrained(random_world["student"])
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, fresh.model.layers[0].mlp.up_proj.weight)
@@ -166,3 +167,12 @@ def test_ce_only_and_other_kd_kinds_run(random_world, tmp_path):
             assert records[1]["kd"] == 0.0 and records[1]["loss"] == records[1]["ce"]
         # validation always reports the kept-mass KL at τ=1, whatever the training loss
         assert train_records(out, "validation")[2]["kl_kept_mass"] > 0
+
+
+def test_gradient_checkpointing_changes_memory_not_results(random_world, tmp_path):
+    for name, flag in (("plain", "false"), ("ckpt", "true")):
+        ts.train_student(world_config(random_world, tmp_path / name, "train.max_steps=3",
+                                      f"student.gradient_checkpointing={flag}"), progress=False, echo=quiet)
+    a, b = train_records(tmp_path / "plain"), train_records(tmp_path / "ckpt")
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6)

@@ -145,3 +145,18 @@ def test_partial_checkpoint_from_a_killed_save_is_ignored_and_removed(random_wor
                                resume=True, progress=False, echo=quiet)
     assert summary["start_step"] == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+
+
+def test_output_dir_of_a_run_on_another_cache_is_refused(random_world, tmp_path):
+    out = tmp_path / "run"
+    ts.train_student(world_config(random_world, out, "train.max_steps=2"), progress=False, echo=quiet)
+    other = tmp_path / "other_cache"
+    shutil.copytree(random_world["cache"], other)
+    import zarr
+
+    group = zarr.open_group(str(other), mode="r+")
+    fingerprints = dict(group.attrs["fingerprints"])
+    fingerprints["data"] = "other-data"
+    group.attrs["fingerprints"] = fingerprints  # same arrays, another data fingerprint: another cache
+    _refused(world_config(random_world, out, "train.max_steps=2", f"cache.path={other}"),
+             r"another cache data fingerprint; pass --overwrite", resume=True)
