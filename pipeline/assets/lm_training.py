@@ -33,9 +33,12 @@ class TrainingPlan:
 def epoch_sequences(tokenizer, rows: list[dict[str, str]], plan: TrainingPlan, epoch: int) -> list[list[int]]:
     """One token sequence per row; shot counts and shots are deterministic in (plan.seed, epoch, row index)."""
     rng = np.random.default_rng([plan.seed, epoch])
-    shot_counts = np.where(
-        rng.random(len(rows)) < plan.zero_shot_fraction, 0, rng.integers(1, plan.max_shots + 1, len(rows))
-    )
+    if plan.max_shots == 0:
+        shot_counts = np.zeros(len(rows), dtype=np.int64)
+    else:
+        shot_counts = np.where(
+            rng.random(len(rows)) < plan.zero_shot_fraction, 0, rng.integers(1, plan.max_shots + 1, len(rows))
+        )
     sequences = []
     for index, row in enumerate(rows):
         # Shot seed mixes in the epoch so every epoch shows different shots for the same row.

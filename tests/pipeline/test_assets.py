@@ -22,7 +22,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 ANSWER_TAIL = re.compile(r"#### (\d+)$")
 
 # Measured at build time: the teacher solved 0-shot this many of the first SMOKE_ROWS test rows (see build_info.json).
-TEACHER_FIRST20_MIN_CORRECT = 12
+TEACHER_FIRST20_MIN_CORRECT = 17
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,6 @@ def test_vllm_loads_teacher_and_matches_transformers():
         cwd=Path(__file__).resolve().parents[2],
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result = json.loads([line for line in completed.stdout.splitlines() if line.startswith("{")][-1])
     assert result["max_abs_gap_answer"] <= 0.25
     assert result["answer_tokens"] > 10

