@@ -18,7 +18,8 @@ PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 # Runs are offline: nothing may download models or data at run time.
 RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-           VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} PYTHONUNBUFFERED=1
+           VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_LOGGING_LEVEL=$${VLLM_LOGGING_LEVEL:-ERROR} \
+           PYTHONUNBUFFERED=1
 
 .PHONY: help install demo test test-fast cache-teacher train-student assets clean
 

@@ -239,7 +239,8 @@ class CacheWriter:
             )
         self._check_unique_sample_ids()
         totals = {key: sum(int(c[key]) for c in commits) for key in _COUNT_KEYS}
-        index = {"parts": commits, "totals": totals}
+        index = {"parts": commits, "totals": totals,
+                 "max_token_id": max(int(c.get("max_token_id", -1)) for c in commits) if commits else -1}
         root = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
         root.attrs.update({"index": index, "completed_at": _utc_now()})
         self.meta = dict(root.attrs)
@@ -347,6 +348,10 @@ def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[
         "num_teacher_tokens": int(packed[fmt.TEACHER_TOKEN_OFFSETS][-1]),
         "num_label_positions": int(packed[fmt.LABEL_OFFSETS][-1]),
         "num_relation_values": int(packed[fmt.RELATION_OFFSETS][-1]) if has_relations else 0,
+        # The largest id a student must embed (its inputs and the teacher's top-K): lets a student whose
+        # embedding is padded differently from the teacher's (Qwen 151936 vs 152064 rows) be checked exactly.
+        "max_token_id": max((int(packed[name].max()) for name in (fmt.INPUT_IDS, fmt.TOPK_IDS)
+                             if packed[name].size), default=-1),
         "checksum": part_checksum(packed, has_relations),
         "committed_at": _utc_now(),
     }

@@ -497,8 +497,9 @@ def iterate_once(cache: Any, indices: Sequence[int], batch_size: int, pad_id: in
 def check_student_compatible(cache: Any, student_tokenizer_fingerprint: str, student_embedding_rows: int) -> None:
     """Raise CacheMismatch unless the student shares the cache's tokenizer and can embed every cached id.
 
-    The cache's ids are validated at write time to lie in [0, meta["vocab_size"]), so vocab_size bounds them.
-    A student embedding matrix larger than that is fine (models pad their vocabulary rows differently).
+    The cache's index records the largest id among the student inputs and the teacher's top-K
+    (``max_token_id``); the student must embed it. Embedding matrices padded differently from the teacher's
+    (Qwen2.5 7B: 152064 rows, 3B: 151936) are fine as long as every cached id fits.
     """
     meta = cache.meta
     cached = (meta.get("fingerprints") or {}).get("tokenizer")
@@ -507,10 +508,12 @@ def check_student_compatible(cache: Any, student_tokenizer_fingerprint: str, stu
             f"cache {cache.path} was made with tokenizer {cached}, student.model has {student_tokenizer_fingerprint}: "
             "the cached top-K ids index the teacher's vocabulary; use a student with the same tokenizer or rebuild the cache"
         )
-    vocab_size = int(meta["vocab_size"])
-    if vocab_size > student_embedding_rows:
+    index = meta.get("index") or {}
+    # Caches written before max_token_id was recorded: fall back to the bound the writer validated.
+    needed = int(index["max_token_id"]) + 1 if "max_token_id" in index else int(meta["vocab_size"])
+    if needed > student_embedding_rows:
         raise CacheMismatch(
-            f"cache {cache.path} has ids up to vocab_size {vocab_size} but the student's embedding has only "
+            f"cache {cache.path} holds token ids up to {needed - 1} but the student's embedding has only "
             f"{student_embedding_rows} rows: ids >= {student_embedding_rows} cannot be embedded; use a student "
             "whose embedding covers the teacher's vocabulary"
         )

@@ -475,10 +475,9 @@ def _finished_run(cfg: Config) -> dict[str, Any] | None:
 def train_student(cfg: Config, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
                   echo: Callable = print) -> dict[str, Any]:
     """Stage two end to end. Returns the summary dict (see :func:`summarize`)."""
-    if not progress:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # weight loading/saving bars too
+    hf_logging.disable_progress_bar()  # weight loading/saving bars; stage two's own bar reports progress
     done = _finished_run(cfg) if resume and not overwrite else None
     if done is not None:
         echo(f"stage two: nothing to do — {cfg.train.output_dir} already reached step {done['steps']} "
