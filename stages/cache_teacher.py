@@ -201,6 +201,12 @@ def score_shard(settings: BackendSettings, cache_path: str, part_id: int, shard:
                 pin_gpus: int = 0) -> dict[str, float]:
     """Score one shard with this process's engine and write it as cache part ``part_id`` (commit last)."""
     started = time.perf_counter()
+    if settings.backend == "hf" and os.environ.get("OMP_NUM_THREADS"):
+        # OpenMP's thread count is per calling thread and dask runs tasks in an executor thread that starts
+        # with one; vLLM binds its own threads, so only the hf backend needs this.
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     backend, load_seconds = _worker_backend(settings, pin_gpus)
     requests = [ScoreRequest(s.pair.teacher_input_ids, np.asarray(s.pair.teacher_positions, dtype=np.int64))
                 for s in shard]
@@ -273,12 +279,15 @@ def _run_on_dask(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, s
     num_gpus = _visible_gpu_count() if scheduler is None else 0
     # Workers slow to exit after the last shard are killed at close; that is expected, not worth a warning.
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
-    # vLLM starts its own processes; dask's daemonic workers may not have children.
-    with dask.config.set({"distributed.worker.daemon": False}):
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    # vLLM starts its own processes; dask's daemonic workers may not have children. Dask pins OMP/MKL to one
+    # thread before spawning workers (a plain `env=` is applied too late for OpenMP): share the cores instead.
+    with dask.config.set({"distributed.worker.daemon": False,
+                          "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": threads,
+                          "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": threads}):
         cluster = None if scheduler else LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0, dashboard_address=None,
-            env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
-                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+            env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         with Client(scheduler or cluster) as client:
             futures = [client.submit(score_shard, plan.settings, plan.cfg.cache.path, part_id,
                                      plan.shards[part_id], num_gpus, key=f"score-part-{part_id}", pure=False)
