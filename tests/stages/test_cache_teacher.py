@@ -133,3 +133,29 @@ def test_killed_run_resumes_to_an_identical_cache(tmp_path):
     assert "resuming" in resumed.stdout and f"{committed_before} reused" in resumed.stdout
     subprocess.run(_stage_one_command(clean, "--workers", "0"), env=env, check=True, capture_output=True)
     assert_caches_equal(killed, clean)
+
+
+def test_attention_relations_are_cached_with_the_hf_backend(tmp_path):
+    cfg = tiny_config(tmp_path, "data.max_samples=6", "teacher.attention.enabled=true",
+                      "teacher.attention.layer=-1", "teacher.attention.num_heads=4")
+    cache_teacher(cfg, workers=0, progress=False, echo=lambda *_: None)
+    cache = open_cache(cfg.cache.path)
+    cache.validate(deep=True)
+    assert cache.has_relations
+    assert cache.meta["relations"]["layer"] == -1 and cache.meta["relations"]["num_relation_heads"] == 4
+    for sample in cache:
+        n = len(sample["label_positions"])
+        relations = sample["relations"]
+        assert relations.shape == (3, 4, n, n)
+        np.testing.assert_allclose(relations.sum(-1), 1.0, atol=5e-3)   # float16 storage
+
+
+def test_existing_dask_scheduler(tmp_path, tiny_hf_cache):
+    """--scheduler ADDRESS runs the shards on a cluster that is already up."""
+    from distributed import LocalCluster
+
+    cfg = tiny_config(tmp_path)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        summary = cache_teacher(cfg, scheduler=cluster.scheduler_address, progress=False, echo=lambda *_: None)
+    assert summary["parts_scored"] == 3
+    assert_caches_equal(tiny_hf_cache.cache.path, cfg.cache.path)

@@ -1,4 +1,4 @@
-"""Shared fixtures for stage tests."""
+"""Shared fixtures: a tiny stage-one cache made once per session."""
 
 from __future__ import annotations
 
