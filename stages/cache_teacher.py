@@ -316,7 +316,7 @@ def run(plan: StageOnePlan, workers: int = 1, scheduler: str | None = None, prog
     with writer:
         pending = sorted(writer.pending_parts())
         stats.parts_reused = len(plan.shards) - len(pending)
-        done = sum(len(plan.shards[i]) for i in range(len(plan.shards)) if i not in set(pending))
+        done = sum(len(plan.shards[i]) for i in set(range(len(plan.shards))) - set(pending))
         started = time.perf_counter()
         with _progress(sum(len(s) for s in plan.shards), done, progress) as bar:
             if workers == 0:
