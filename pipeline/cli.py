@@ -14,7 +14,6 @@ import click
 from pipeline.errors import UserError
 
 CONFIG_HELP = "Config file path, or a bare name from configs/ (e.g. tiny.yaml)."
-OVERRIDES_HELP = "key.sub=value overrides applied after the config file (OmegaConf dotlist)."
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
