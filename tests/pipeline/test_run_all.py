@@ -28,7 +28,7 @@ def test_run_all_caches_trains_and_then_has_nothing_to_do(tmp_path, capsys):
     assert Path(train["final"]["model"], "model.safetensors").is_file()
     assert Path(train["final"]["adapter"], "adapter_model.safetensors").is_file()
     assert result["evaluation"] is None
-    assert any("evaluation: not implemented yet" in m for m in messages)
+    assert any("evaluation: not available yet" in m for m in messages)
     done = messages[-1]
     assert done.startswith("== done:") and f"{tmp_path}/cache" in done and "checkpoints" in done \
         and "metrics.jsonl" in done
