@@ -15,7 +15,7 @@ from cache_schema.format import (
     IncompleteCacheError,
 )
 from cache_schema.reader import KDCache, open_cache
-from cache_schema.writer import CacheWriter, write_part
+from cache_schema.writer import CacheWriter, identity_differences, write_part
 
 __all__ = [
     "FORMAT_NAME",
@@ -28,6 +28,7 @@ __all__ = [
     "IncompleteCacheError",
     "KDCache",
     "file_fingerprint",
+    "identity_differences",
     "json_fingerprint",
     "open_cache",
     "peek_cache_state",

@@ -110,6 +110,17 @@ def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def identity_differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Names of what makes two caches different products: fingerprint names, ``top_k``, ``relations.*``.
+
+    Empty when a cache with meta ``existing`` can be reused (or resumed) for the request ``wanted``.
+    """
+    have, want = _identity(existing), _identity(wanted)
+    have_fps, want_fps = have.pop("fingerprints") or {}, want.pop("fingerprints") or {}
+    names = sorted(k for k in set(have_fps) | set(want_fps) if have_fps.get(k) != want_fps.get(k))
+    return names + [key for key in want if have.get(key) != want[key]]
+
+
 def _layout(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed (incomplete) cache must also share, because parts already written depend on it."""
     return {

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from cache_schema import (CacheMismatchError, CacheWriter, json_fingerprint, peek_cache_state,
-                          samples_fingerprint, tokenizer_fingerprint, write_part)
+from cache_schema import (CacheMismatchError, CacheWriter, identity_differences, json_fingerprint,
+                          peek_cache_state, samples_fingerprint, tokenizer_fingerprint, write_part)
 from pipeline.config import Config
 from pipeline.config_loader import config_to_dict
 from pipeline.errors import DataError, UserError
@@ -114,14 +114,11 @@ def _check_existing(path: str, meta: dict, overwrite: bool) -> str:
                         "(nothing there was touched)")
     if existing is None or overwrite:
         return "absent" if existing is None else "overwrite"
-    same = existing.get("fingerprints") == meta["fingerprints"] and existing.get("top_k") == meta["top_k"]
-    if not same:
-        differing = sorted(k for k in meta["fingerprints"]
-                           if existing.get("fingerprints", {}).get(k) != meta["fingerprints"][k])
-        if existing.get("top_k") != meta["top_k"]:
-            differing.append("top_k")
-        raise CacheMismatchError(f"cache.path={path!r} holds a cache with other {', '.join(differing)} "
-                                 "fingerprints; pass --overwrite to replace it or choose another cache.path")
+    # The writer makes the same check; doing it here refuses before any engine is loaded.
+    differing = identity_differences(existing, meta)
+    if differing:
+        raise CacheMismatchError(f"cache.path={path!r} holds a cache made from other inputs ({', '.join(differing)} "
+                                 "differ); pass --overwrite to replace it or choose another cache.path")
     return state
 
 

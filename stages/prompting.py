@@ -157,6 +157,21 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) + end_of_turn_ids(tokenizer)
 
 
+def pair_from_ids(student_prompt: list[int], teacher_prompt: list[int], answer: list[int]) -> PromptPair:
+    """Teacher and student sequences from prompt ids and shared answer ids, with their aligned positions."""
+    input_ids = student_prompt + answer
+    teacher_input_ids = teacher_prompt + answer
+    label_positions = list(range(len(student_prompt), len(input_ids)))
+    teacher_positions = list(range(len(teacher_prompt), len(teacher_input_ids)))
+    for student_pos, teacher_pos in zip(label_positions, teacher_positions, strict=True):
+        if teacher_input_ids[teacher_pos] != input_ids[student_pos]:
+            raise ValueError(
+                f"teacher/student answer tokens differ (teacher[{teacher_pos}]={teacher_input_ids[teacher_pos]}, "
+                f"student[{student_pos}]={input_ids[student_pos]})"
+            )
+    return PromptPair(teacher_input_ids, input_ids, label_positions, teacher_positions)
+
+
 def build_pair(tokenizer, question: str, answer: str, shots: list[tuple[str, str]]) -> PromptPair:
     """Teacher (few-shot) and student (zero-shot) sequences sharing the same answer ids, with their positions."""
     answer_token_ids = answer_ids(tokenizer, answer)
@@ -164,17 +179,7 @@ def build_pair(tokenizer, question: str, answer: str, shots: list[tuple[str, str
         raise ValueError(f"answer tokenizes to nothing: {answer!r}")
     student_prompt = prompt_ids(tokenizer, question, [])
     teacher_prompt = prompt_ids(tokenizer, question, shots) if shots else student_prompt
-    input_ids = student_prompt + answer_token_ids
-    teacher_input_ids = teacher_prompt + answer_token_ids
-    label_positions = list(range(len(student_prompt), len(input_ids)))
-    teacher_positions = list(range(len(teacher_prompt), len(teacher_input_ids)))
-    for student_pos, teacher_pos in zip(label_positions, teacher_positions, strict=True):
-        if teacher_input_ids[teacher_pos] != input_ids[student_pos]:
-            raise ValueError(
-                f"teacher/student answer tokens differ (teacher[{teacher_pos}]={teacher_input_ids[teacher_pos]}, "
-                f"student[{student_pos}]={input_ids[student_pos]}) for question {question[:60]!r}"
-            )
-    return PromptPair(teacher_input_ids, input_ids, label_positions, teacher_positions)
+    return pair_from_ids(student_prompt, teacher_prompt, answer_token_ids)
 
 
 def draw_shots(pool_size: int, num_fewshot: int, seed: int, sample_index: int, exclude: int | None) -> list[int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stages.prompting import PromptPair, answer_ids, draw_shots, prompt_ids
+from stages.prompting import PromptPair, answer_ids, draw_shots, pair_from_ids, prompt_ids
 from stages.samples import Sample
 
 
@@ -47,14 +47,6 @@ class _ShotPool:
 
     def shots(self, indices: list[int]) -> list[tuple[str, str]]:
         return [(self.pool[i].question, self.pool[i].answer) for i in indices]
-
-
-def _pair_from_ids(student_prompt: list[int], teacher_prompt: list[int], answer: list[int]) -> PromptPair:
-    input_ids = student_prompt + answer
-    teacher_input_ids = teacher_prompt + answer
-    label_positions = list(range(len(student_prompt), len(input_ids)))
-    teacher_positions = list(range(len(teacher_prompt), len(teacher_input_ids)))
-    return PromptPair(teacher_input_ids, input_ids, label_positions, teacher_positions)
 
 
 def check_alignment(sample_id: str, pair: PromptPair) -> None:
@@ -104,5 +96,5 @@ def _fit_teacher(student_prompt: list[int], answer: list[int], question: str, sh
     for keep in range(len(shots), -1, -1):
         teacher_prompt = prompt_ids(tokenizer, question, shots[:keep]) if keep else student_prompt
         if max_teacher_len is None or len(teacher_prompt) + len(answer) <= max_teacher_len:
-            return _pair_from_ids(student_prompt, teacher_prompt, answer), keep
+            return pair_from_ids(student_prompt, teacher_prompt, answer), keep
     return None
