@@ -105,15 +105,52 @@ def train_student_command(config_name: str, resume: bool, overwrite: bool, progr
 @click.option("--overwrite", is_flag=True, help="Replace a mismatched cache / another run's output_dir.")
 @click.option("--resume", is_flag=True, help="Stage two: continue from the latest checkpoint.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@click.option("--baseline", type=click.Choice(["none", "sft"]), default=None,
+              help="sft: also train a CE-only student of the same steps and report it (sets eval.baseline).")
 @click.argument("overrides", nargs=-1)
 def run_all_command(config_name: str, workers: int, overwrite: bool, resume: bool, progress: bool,
-                    overrides: tuple[str, ...]) -> None:
+                    baseline: str | None, overrides: tuple[str, ...]) -> None:
     """Both stages (stage one skipped when a matching complete cache exists), then evaluation."""
     from pipeline.config_loader import load_config
     from pipeline.run_all import run_all
 
-    cfg = load_config(config_name, overrides)
+    cfg = load_config(config_name, _with_baseline(overrides, baseline))
     run_all(cfg, workers=workers, overwrite=overwrite, resume=resume, progress=progress, echo=click.echo)
+
+
+def _with_baseline(overrides: tuple[str, ...], baseline: str | None) -> list[str]:
+    return [*overrides, f"eval.baseline={baseline}"] if baseline else list(overrides)
+
+
+def _parse_steps(_ctx, _param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        steps = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of steps (e.g. 100,200)") from None
+    if not steps or min(steps) < 1:
+        raise click.BadParameter(f"{value!r}: steps must be positive integers (e.g. 100,200)")
+    return steps
+
+
+@cli.command("eval")
+@click.option("--config", "config_name", required=True, help=CONFIG_HELP)
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
+              help="Run directory to evaluate (default: train.output_dir of the config).")
+@click.option("--steps", callback=_parse_steps, default=None,
+              help="Checkpoint steps to evaluate, e.g. 200,400 (default: eval.steps, else every kept checkpoint).")
+@click.option("--baseline", type=click.Choice(["none", "sft"]), default=None,
+              help="sft: include the CE-only baseline run (<output_dir>-sft) in the report.")
+@click.argument("overrides", nargs=-1)
+def eval_command(config_name: str, run_dir: str | None, steps: list[int] | None, baseline: str | None,
+                 overrides: tuple[str, ...]) -> None:
+    """Evaluate the teacher (with and without shots), the untrained student and trained checkpoints."""
+    from pipeline.config_loader import load_config
+    from stages.evaluate import evaluate
+
+    cfg = load_config(config_name, _with_baseline(overrides, baseline))
+    evaluate(cfg, run_dir=run_dir, steps=steps, echo=click.echo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,9 @@ ON_ERROR_POLICIES = ("fail", "skip")
 CACHE_LOGPROB_DTYPES = ("float16", "float32")
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "mse_topk")
 TOPK_HANDLING = ("tail", "renormalize")
+EVAL_BACKENDS = ("auto", "vllm", "hf")
+EVAL_BASELINES = ("none", "sft")
+ANSWER_FALLBACKS = ("last_number", "none")
 
 
 @dataclass
@@ -197,6 +200,37 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation (``pipeline eval``, the last step of ``run-all``): generation, metrics and baselines."""
+
+    backend: str = "auto"
+    """Generation engine: ``vllm``, ``hf`` (transformers generate), or ``auto`` (vllm when importable and a GPU
+    is present; on CPU an engine start costs more than generating a small test split with transformers)."""
+    max_new_tokens: int = 256
+    """Longest generated answer; a solution cut here usually has no ``####`` mark and counts as no answer."""
+    stop_strings: List[str] = field(default_factory=list)
+    """Extra strings that end generation (the template's end of turn and eos always do)."""
+    batch_size: int = 32
+    """``hf``: prompts per generate call (length-sorted, left-padded). vLLM schedules all prompts itself."""
+    max_samples: Optional[int] = None
+    """Evaluate only the first N test problems (None: the whole ``data.test``)."""
+    steps: List[int] = field(default_factory=list)
+    """Checkpoint steps to evaluate ([]: every complete checkpoint in the run directory)."""
+    baseline: str = "none"
+    """``sft``: ``run-all`` also trains a cross-entropy-only student (kd_weight=0, ce_weight=1) with the same
+    steps into ``<train.output_dir>-sft``, and the report shows it beside the distilled student."""
+    teacher: bool = True
+    """Also evaluate the teacher, with ``data.num_fewshot`` shots and with none (the in-context gap)."""
+    answer_fallback: str = "last_number"
+    """No ``####`` mark in the output: ``last_number`` takes the last number (reported separately), ``none``
+    counts it as no answer."""
+    perplexity: bool = True
+    """Perplexity of each model on the test answers given zero-shot prompts."""
+    held_out_kl: bool = True
+    """KL(teacher || student) on the held-out cache samples of stage two (kept mass and tail bucket)."""
+
+
+@dataclass
 class Config:
     """A whole run: teacher, student, data, cache and training settings."""
 
@@ -210,6 +244,8 @@ class Config:
     """The teacher cache."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Stage two."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation and baselines."""
     seed: int = 0
     """Seed for shot drawing, shuffling and initialisation."""
     name: str = "run"
@@ -259,6 +295,7 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     _positive(c.shard_size, source, "cache.shard_size")
     _one_of(c.logprob_dtype, CACHE_LOGPROB_DTYPES, source, "cache.logprob_dtype")
     _validate_train(tr, source)
+    _validate_eval(cfg.eval, source)
     return cfg
 
 
@@ -280,3 +317,15 @@ def _validate_train(tr: TrainConfig, source: str) -> None:
     _one_of(tr.topk_handling, TOPK_HANDLING, source, "train.topk_handling")
     _one_of(tr.mixed_precision, MIXED_PRECISION, source, "train.mixed_precision")
     _positive(tr.logprob_chunk, source, "train.logprob_chunk")
+
+
+def _validate_eval(ev: EvalConfig, source: str) -> None:
+    _one_of(ev.backend, EVAL_BACKENDS, source, "eval.backend")
+    _positive(ev.max_new_tokens, source, "eval.max_new_tokens")
+    _positive(ev.batch_size, source, "eval.batch_size")
+    if ev.max_samples is not None:
+        _positive(ev.max_samples, source, "eval.max_samples")
+    for step in ev.steps:
+        _positive(step, source, "eval.steps")
+    _one_of(ev.baseline, EVAL_BASELINES, source, "eval.baseline")
+    _one_of(ev.answer_fallback, ANSWER_FALLBACKS, source, "eval.answer_fallback")

@@ -13,27 +13,35 @@ from typing import Any, Callable
 from pipeline.config import Config
 
 
-def evaluate_stage(cfg: Config, train_summary: dict[str, Any], echo: Callable = print) -> dict[str, Any] | None:
-    """Stage three — evaluation of the trained student by generation on ``data.test``.
+def evaluate_stage(cfg: Config, echo: Callable = print) -> dict[str, Any] | None:
+    """Stage three: :func:`stages.evaluate.evaluate` on the run just trained (and its SFT baseline).
 
-    Not implemented yet (a later issue): it will load ``train_summary["final"]["model"]`` (vLLM or
-    transformers), answer the test problems and report accuracy next to the teacher's and the initial
-    student's. Returns None until then.
+    Returns the report (what results.json holds), or None when the config has no test split. The results
+    table is not printed here: run_all prints it last.
     """
-    echo("evaluation: not available yet (the evaluation issue adds generation-based exact match here)")
-    return None
+    from stages.evaluate import evaluate
+
+    if cfg.data.test is None:
+        echo("== evaluation: skipped (data.test is not set)")
+        return None
+    echo(f"== evaluation: {cfg.data.test} -> {cfg.train.output_dir}/results.md")
+    return evaluate(cfg, echo=echo, print_table=False)
 
 
 def run_all(cfg: Config, *, workers: int = 1, overwrite: bool = False, resume: bool = False, progress: bool = True,
             echo: Callable = print) -> dict[str, Any]:
-    """Stage one, stage two, then (later) evaluation. Returns {"cache": stage one's summary, "train": stage
-    two's summary, "evaluation": None}.
+    """Stage one, stage two (plus the CE-only baseline when ``eval.baseline=sft``), then evaluation.
+
+    Returns {"cache": stage one's summary, "train": stage two's, "baseline": the SFT run's or None,
+    "evaluation": the evaluation report or None}. The results table is the last thing printed.
 
     ``overwrite`` replaces a cache made with other fingerprints and another run's output_dir; a complete cache
     with matching fingerprints is still reused (re-scoring it would give the same cache).
     """
     from cache_schema import CacheMismatchError
     from stages.cache_teacher import cache_teacher
+    from stages.eval_report import results_table
+    from stages.evaluate import sft_config
     from stages.train_student import train_student
 
     echo(f"== stage one: cache the teacher ({cfg.teacher.model}, {cfg.teacher.backend}) -> {cfg.cache.path}")
@@ -45,9 +53,19 @@ def run_all(cfg: Config, *, workers: int = 1, overwrite: bool = False, resume: b
         cache_summary = cache_teacher(cfg, workers=workers, overwrite=True, progress=progress, echo=echo)
     echo(f"== stage two: train the student ({cfg.student.model}, {cfg.student.mode}) -> {cfg.train.output_dir}")
     train_summary = train_student(cfg, resume=resume, overwrite=overwrite, progress=progress, echo=echo)
-    evaluation = evaluate_stage(cfg, train_summary, echo=echo)
+    baseline_summary = None
+    if cfg.eval.baseline == "sft":
+        baseline = sft_config(cfg)
+        echo(f"== baseline: the same student trained on cross-entropy only (kd_weight=0) -> "
+             f"{baseline.train.output_dir}")
+        baseline_summary = train_student(baseline, resume=resume, overwrite=overwrite, progress=progress,
+                                         echo=echo)
+    evaluation = evaluate_stage(cfg, echo=echo)
     final = train_summary.get("final") or {}
     final_text = ", ".join(f"{kind} {path}" for kind, path in final.items()) if isinstance(final, dict) else final
+    results_text = f" · results {cfg.train.output_dir}/results.md" if evaluation else ""
     echo(f"== done: cache {cfg.cache.path} · checkpoints {cfg.train.output_dir}/checkpoints · metrics "
-         f"{cfg.train.output_dir}/metrics.jsonl · final {final_text}")
-    return {"cache": cache_summary, "train": train_summary, "evaluation": evaluation}
+         f"{cfg.train.output_dir}/metrics.jsonl · final {final_text}{results_text}")
+    if evaluation:
+        echo(results_table(evaluation["results"]))
+    return {"cache": cache_summary, "train": train_summary, "baseline": baseline_summary, "evaluation": evaluation}

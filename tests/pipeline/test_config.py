@@ -81,6 +81,10 @@ ERROR_CASES = {
     "negative_lr": (None, "tiny", ["train.lr=-1"], "train.lr"),
     "nan_lr": (None, "tiny", ["train.lr=nan"], "train.lr"),
     "relations_with_vllm": (None, "tiny", ["teacher.attention.enabled=true"], "teacher.attention.enabled"),
+    "eval_backend": (None, "tiny", ["eval.backend=tgi"], "eval.backend"),
+    "eval_baseline": (None, "tiny", ["eval.baseline=dpo"], "eval.baseline"),
+    "eval_step_zero": (None, "tiny", ["eval.steps=[0,50]"], "eval.steps"),
+    "eval_fallback": (None, "tiny", ["eval.answer_fallback=first"], "eval.answer_fallback"),
 }
 
 

@@ -1,4 +1,4 @@
-"""run_all: stage one then stage two on the shipped tiny assets; a second run reuses what is done."""
+"""run_all: stage one, stage two, evaluation on the shipped tiny assets; a second run reuses what is done."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pipeline.run_all import run_all
 
 SMALL = ["teacher.backend=hf", "data.max_samples=24", "cache.shard_size=12", "teacher.top_k=8",
          "train.max_steps=2", "train.batch_size=4", "train.num_validation_samples=4", "train.eval_every=2",
-         "train.save_every=2", "train.log_every=1"]
+         "train.save_every=2", "train.log_every=1", "eval.baseline=none", "eval.max_samples=8",
+         "eval.max_new_tokens=32"]
 
 
 def test_run_all_caches_trains_and_then_has_nothing_to_do(tmp_path, capsys):
@@ -27,9 +28,12 @@ def test_run_all_caches_trains_and_then_has_nothing_to_do(tmp_path, capsys):
     assert train["steps"] == 2 and train["first_validation_kl"] > 0
     assert Path(train["final"]["model"], "model.safetensors").is_file()
     assert Path(train["final"]["adapter"], "adapter_model.safetensors").is_file()
-    assert result["evaluation"] is None
-    assert any("evaluation: not available yet" in m for m in messages)
-    done = messages[-1]
+    assert result["baseline"] is None
+    evaluated = {(r["condition"], r["step"]) for r in result["evaluation"]["results"]}
+    assert evaluated == {("teacher_fewshot", None), ("teacher_zeroshot", None), ("student_untrained", None),
+                         ("distilled", 2)}
+    assert messages[-1].startswith("| condition |")
+    done = messages[-2]
     assert done.startswith("== done:") and f"{tmp_path}/cache" in done and "checkpoints" in done \
         and "metrics.jsonl" in done
 
