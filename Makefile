@@ -21,7 +21,7 @@ RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZ
            VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_LOGGING_LEVEL=$${VLLM_LOGGING_LEVEL:-ERROR} \
            PYTHONUNBUFFERED=1
 
-.PHONY: help install demo test test-fast cache-teacher train-student assets clean
+.PHONY: help install demo test test-fast cache-teacher train-student eval assets clean
 
 help:
 	@echo "make demo            install if needed, then run the pipeline on configs/tiny.yaml (CPU, offline)"
@@ -29,6 +29,7 @@ help:
 	@echo "make install         create .venv: torch $(TORCH_VERSION) first, vLLM, then this project [dev]"
 	@echo "make cache-teacher   stage one:  CONFIG=tiny.yaml ARGS='teacher.backend=hf'"
 	@echo "make train-student   stage two:  CONFIG=tiny.yaml ARGS='train.max_steps=20'"
+	@echo "make eval            evaluation: CONFIG=tiny.yaml ARGS='--steps 100,200'"
 	@echo "make assets          rebuild the tiny embedded assets (deterministic; ~15 min on 2 cores)"
 
 install: $(STAMP)
@@ -62,6 +63,9 @@ cache-teacher: $(STAMP)
 
 train-student: $(STAMP)
 	$(RUN_ENV) $(BIN)/pipeline train-student --config $(CONFIG) $(ARGS)
+
+eval: $(STAMP)
+	$(RUN_ENV) $(BIN)/pipeline eval --config $(CONFIG) $(ARGS)
 
 assets: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m pipeline.assets.build_tiny

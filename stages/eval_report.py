@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -112,6 +113,7 @@ def accuracy_figure(results: Sequence[dict[str, Any]]) -> Figure:
             axes.axhline(100 * r["exact_match"], linestyle=next(styles, "--"), color="gray" if
                          r["condition"] != "student_untrained" else "black", label=r["label"])
     axes.set_xlabel("training step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("exact match (%)")
     axes.set_title("Test exact match by greedy generation")
     axes.set_ylim(-2, 102)
@@ -158,6 +160,7 @@ def loss_figure(runs: dict[str, Path]) -> Figure:
     val_axes.set_xlabel("training step")
     val_axes.set_ylabel("KL (nats / token)")
     for axes in (train_axes, val_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(loc="best", fontsize="small")
         axes.grid(alpha=0.3)
     figure.tight_layout()
