@@ -6,7 +6,8 @@ combinations) live in :func:`validate_config` and nowhere else.
 
 Stable keys (other tools rely on them): ``teacher.model``, ``teacher.backend``, ``teacher.top_k``,
 ``student.model``, ``data.train``, ``data.num_fewshot``, ``cache.path``, ``train.output_dir``,
-``train.max_steps``, ``seed``.
+``train.max_steps``, ``seed``. (``data.train`` is null in mixture configs, whose sources are in
+``data.mixture`` / ``data.mixture_file``.)
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ independently and deterministically (batches never cross a part), so two workers
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -119,9 +118,11 @@ def _record_fingerprints(training: TrainingSet, cfg: Config, tokenizer, model_co
     rows = [{"id": s.sample_id, "source": s.source, "s": s.pair.input_ids, "t": s.pair.teacher_input_ids,
              "p": s.pair.label_positions, "tp": s.pair.teacher_positions} for s in training.built]
     d = cfg.data
-    prompt = {"template": json.loads(json.dumps(config_to_dict(cfg)["data"])), "formats": training.formats,
+    prompt = {"formats": training.formats, "seed": cfg.seed,
               "chat_template": tokenizer.chat_template if has_chat_template(tokenizer) else PLAIN_TEMPLATE_NAME,
-              "seed": cfg.seed, "max_seq_len": d.max_seq_len}
+              **{key: getattr(d, key) for key in ("num_fewshot", "max_seq_len", "max_teacher_len", "system_prompt",
+                                                  "teacher_system_prompt", "window_stride", "mixture_unit",
+                                                  "mixture_budget")}}
     return base | {"data": samples_fingerprint(rows), "prompt": json_fingerprint(prompt)}
 
 
@@ -190,7 +191,8 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
     model_config = _model_config(cfg.teacher.model)
     training, gsm8k_rows = _training_set(cfg, tokenizer, _teacher_length_limit(cfg, model_config))
     if not training.built:
-        raise DataError(f"{cfg.data.train}: no sample fits (first reason: {training.skipped[0]})")
+        origin = cfg.data.train or cfg.data.mixture_file or "data.mixture"
+        raise DataError(f"{origin}: no sample fits (first reason: {training.skipped[0]})")
     size = cfg.cache.shard_size
     shards = [training.built[i:i + size] for i in range(0, len(training.built), size)]
     d = cfg.data

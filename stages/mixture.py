@@ -17,7 +17,8 @@ takes its records in the order of a permutation seeded by ``(seed, source positi
 its quota is repeated, each pass in a new permutation, its repeated samples' ids suffixed ``~2``, ``~3`` ... .
 The drawn samples are interleaved by one seeded shuffle. So the proportions are met exactly up to rounding
 (no sampling noise), and the draw is a pure function of the files, the settings and ``seed``. Sample ids
-are ``<source name>/<row id>``; every sample's source is recorded in the cache.
+are ``<source name>/<row id>``; every sample's source is recorded in the cache. Sources may mix chat and
+document formats; few-shot examples and the teacher-only system prompt apply to chat records only.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from pipeline.errors import DataError
 from stages.data_formats import Record, read_records, source_name
-from stages.record_sequences import RecordSettings, build_record_samples, with_source
+from stages.record_sequences import RecordBuilder, RecordSettings, build_record_samples, with_source
 from stages.sequences import AlignedSample, SequenceReport
 
 _SOURCE_SALT = 0x5EED  # keeps source permutations independent of other draws from `seed`
@@ -124,13 +125,14 @@ def _fill_quota(source: MixtureSource, position: int, records: list[Record], quo
                 settings: RecordSettings, report: SequenceReport) -> list[AlignedSample]:
     """Draw ``source``'s samples in seeded order (repeating passes) until ``quota`` samples / tokens."""
     drawn: list[AlignedSample] = []
+    builder = RecordBuilder(records, tokenizer, settings)
     amount, pass_no = 0, 1
     while amount < quota:
         order = np.random.default_rng([_SOURCE_SALT, settings.seed, position, pass_no]).permutation(len(records))
         produced = False
         for start in range(0, len(order), _BUILD_CHUNK):
             chunk = [records[int(i)] for i in order[start:start + _BUILD_CHUNK]]
-            built = build_record_samples(chunk, records, tokenizer, settings)
+            built = builder.build(chunk)
             if pass_no == 1:
                 report.skipped += [f"{source.name}/{reason}" for reason in built.skipped]
                 report.trimmed += built.trimmed
@@ -142,8 +144,9 @@ def _fill_quota(source: MixtureSource, position: int, records: list[Record], quo
                 if amount >= quota:
                     return drawn
         if not produced:
+            reasons = [r for r in report.skipped if r.startswith(f"{source.name}/")]
             raise DataError(f"{source.location}: no sample of source {source.name!r} fits (first reason: "
-                            f"{report.skipped[-1] if report.skipped else 'none'})")
+                            f"{reasons[0] if reasons else 'none'})")
         pass_no += 1
     return drawn
 

@@ -233,20 +233,33 @@ def _build_chat(record: Record, tokenizer, pool: list[tuple[str, str]], pool_ind
                           f"{settings.max_teacher_len} even without shots")
 
 
+class RecordBuilder:
+    """Builds aligned sequences for records of one source; the shot pool is indexed once (mixtures call
+    :meth:`build` chunk by chunk)."""
+
+    def __init__(self, pool: list[Record], tokenizer, settings: RecordSettings):
+        self.tokenizer, self.settings = tokenizer, settings
+        chats = settings.num_fewshot and any(r.kind == "chat" for r in pool)
+        self.exchanges = _shot_pool(pool, settings.num_fewshot, pool[0].location) if chats else []
+        self.pool_index = {question: i for i, (question, _) in enumerate(self.exchanges)}
+
+    def build(self, records: list[Record]) -> SequenceReport:
+        """Aligned sequences for ``records`` (chat: shots from the pool; text/tokens: windows)."""
+        report = SequenceReport()
+        stride = self.settings.window_stride or self.settings.max_seq_len
+        for record in records:
+            if record.kind == "chat":
+                _build_chat(record, self.tokenizer, self.exchanges, self.pool_index, self.settings, report)
+            else:
+                _build_document(record, self.tokenizer, self.settings.max_seq_len, stride, report)
+        return report
+
+
 def build_record_samples(records: list[Record], pool: list[Record], tokenizer,
                          settings: RecordSettings) -> SequenceReport:
-    """Aligned sequences for ``records`` (chat: shots from ``pool``; text/tokens: windows)."""
-    report = SequenceReport()
-    needs_shots = settings.num_fewshot and any(r.kind == "chat" for r in records)
-    exchanges = _shot_pool(pool, settings.num_fewshot, pool[0].location if pool else "data") if needs_shots else []
-    pool_index = {question: i for i, (question, _) in enumerate(exchanges)}
-    stride = settings.window_stride or settings.max_seq_len
-    for record in records:
-        if record.kind == "chat":
-            _build_chat(record, tokenizer, exchanges, pool_index, settings, report)
-        else:
-            _build_document(record, tokenizer, settings.max_seq_len, stride, report)
-    return report
+    """Aligned sequences for ``records`` (chat: shots from ``pool``; text/tokens: windows). Documents take no
+    shots: ``num_fewshot`` applies to the chat records of a source only."""
+    return RecordBuilder(pool, tokenizer, settings).build(records)
 
 
 def with_source(report: SequenceReport, source: str) -> SequenceReport:

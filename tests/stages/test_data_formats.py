@@ -36,7 +36,8 @@ def test_explicit_format_wins_over_detection(tmp_path):
 
 def test_alpaca_rows_become_one_exchange():
     records = read_records(str(FORMATS_DIR / "alpaca.jsonl"), "alpaca").records
-    assert records[0].messages == (("user", "Add the two numbers.\n\n12 and 30"), ("assistant", "12 + 30 = 42. #### 42"))
+    assert records[0].messages == (("user", "Add the two numbers.\n\n12 and 30"),
+                                   ("assistant", "12 + 30 = 42. #### 42"))
     assert records[1].messages[0] == ("user", "What is 7 times 6?")  # empty input: no blank line
     assert records[4].messages[0] == ("system", "Answer with the working shown.")
     assert records[0].exchange() == ("Add the two numbers.\n\n12 and 30", "12 + 30 = 42. #### 42")
