@@ -203,6 +203,7 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
         say = _quiet  # one voice per run
     identity = ckpt.run_identity(cfg, cache.meta)
     train_idx, val_idx = _split(cfg, cache, accelerator)
+    sample_weights = _sample_weights(cfg, cache, train_idx)  # refuse bad source weights before touching output_dir
     decision = _prepare_output_dir(cfg, identity, accelerator, resume=resume, overwrite=overwrite, say=say)
 
     set_seed(cfg.seed)  # same LoRA init on every process and every run of this config
@@ -217,7 +218,7 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     stream = CacheStream(cache, train_idx, batch_size=cfg.train.batch_size, seed=cfg.seed, shuffle=True,
                          rank=accelerator.process_index, world_size=accelerator.num_processes, pad_id=pad_id,
-                         sample_weights=_sample_weights(cfg, cache, train_idx))
+                         sample_weights=sample_weights)
     plan = StageTwoPlan(cfg, accelerator, cache, module, tokenizer, optimizer, scheduler, stream, val_idx,
                         cfg.train.num_validation_samples, pad_id, Path(cfg.train.output_dir), identity)
     if decision.action == "resume":

@@ -10,7 +10,9 @@ import pytest
 from cache_schema import open_cache
 from pipeline.assets.tiny_chat import CHAT_DIR, build_files, read_task_rows
 from pipeline.config_loader import load_config
+from pipeline.errors import UserError
 from pipeline.run_all import run_all
+from stages.train_student import train_student
 
 SMALL = ["teacher.backend=hf", "teacher.top_k=8", "data.mixture_budget=20", "cache.shard_size=20",
          "train.max_steps=2", "train.batch_size=4", "train.num_validation_samples=4", "train.eval_every=2",
@@ -37,3 +39,14 @@ def test_tiny_chat_run_all(tmp_path):
     assert set(turns) == {1, 2}
     assert result["train"]["steps"] == 2
     assert Path(result["train"]["final"]["model"], "model.safetensors").is_file()
+
+    # stage two re-balances the cached sources without re-caching; an unknown source is one clear error
+    reweighted = load_config("tiny_chat", [*SMALL, f"cache.path={tmp_path}/cache", "train.max_steps=1",
+                                           f"train.output_dir={tmp_path}/reweighted", "train.source_weights.alpaca=0",
+                                           "train.source_weights.openai=3"])
+    assert train_student(reweighted, progress=False, echo=lambda *_: None)["steps"] == 1
+    unknown = load_config("tiny_chat", [*SMALL, f"cache.path={tmp_path}/cache", f"train.output_dir={tmp_path}/x",
+                                        "train.source_weights.web=1"])
+    with pytest.raises(UserError, match=r"train.source_weights: unknown source\(s\) \['web'\]"):
+        train_student(unknown, progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "x").exists()
