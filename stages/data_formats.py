@@ -140,7 +140,8 @@ def _turns(raw: object, key: str, role_key: str, content_key: str, roles: dict[s
 def _require(row: dict, keys: tuple[str, ...], fmt: str) -> None:
     missing = [key for key in keys if key not in row or row[key] is None]
     if missing:
-        raise ValueError(f"not a {fmt} row: missing {', '.join(repr(k) for k in missing)} (row keys "
+        article = "an" if fmt[0] in "aeiou" else "a"
+        raise ValueError(f"not {article} {fmt} row: missing {', '.join(repr(k) for k in missing)} (row keys "
                          f"{sorted(row)[:8]}); mixed schemas? set data.format or fix the row")
 
 

@@ -73,7 +73,7 @@ BAD_ROWS = {
                         "empty assistant message at turn 2"),
     "late_system": ("openai", {"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
                                             {"role": "assistant", "content": "a"}]}, "system message at turn 2"),
-    "mixed_schema": ("alpaca", {"messages": [{"role": "user", "content": "q"}]}, "not a alpaca row: missing"),
+    "mixed_schema": ("alpaca", {"messages": [{"role": "user", "content": "q"}]}, "not an alpaca row: missing"),
     "wrong_turn_shape": ("sharegpt", {"conversations": [{"role": "user", "content": "q"}]},
                          "conversations[1] must be an object with 'from' and 'value'"),
     "non_string_content": ("openai", {"messages": [{"role": "user", "content": 3},
@@ -105,7 +105,7 @@ def test_bad_rows_name_file_and_line(tmp_path, case):
 
 def test_mixed_schemas_in_one_file_fail_on_the_odd_row(tmp_path):
     path = _write(tmp_path, [{"instruction": "i", "output": "o"}, {"text": "a document"}])
-    with pytest.raises(DataError, match=r"rows.jsonl:2: not a alpaca row: missing 'instruction', 'output'"):
+    with pytest.raises(DataError, match=r"rows.jsonl:2: not an alpaca row: missing 'instruction', 'output'"):
         read_records(path, "auto")
 
 
