@@ -8,9 +8,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.config_loader import ASSETS_DIR
-from stages.prompting import build_pair
-from stages.record_sequences import chat_pair, conversations, token_windows
+from pipeline.errors import DataError
 from stages.data_formats import Record
+from stages.prompting import build_pair
+from stages.record_sequences import RecordSettings, build_record_samples, chat_pair, conversations, token_windows
 
 CHAT = [("user", "What is 2 + 3?"), ("assistant", "2 + 3 = 5."), ("user", "And 4 + 4?"), ("assistant", "8")]
 
@@ -98,3 +99,34 @@ def test_windows_follow_the_loss_mask():
     mask = [False, False, True, True, False, True]
     windows = token_windows(list(range(6)), mask, 4, 2)
     assert [positions for _, positions in windows] == [[2, 3], [3]]
+
+
+def test_long_chats_are_skipped_and_counted_never_truncated(tokenizer):
+    short_length = len(chat_pair(tokenizer, CHAT[:2], CHAT[:2], 0).input_ids)
+    long_length = len(chat_pair(tokenizer, CHAT, CHAT, 0).input_ids)
+    settings = RecordSettings(num_fewshot=0, seed=0, max_seq_len=short_length, max_teacher_len=None)
+    short = Record("short", 0, "f:1", messages=CHAT[:2])
+    long = Record("long", 1, "f:2", messages=CHAT)
+    report = build_record_samples([short, long], [], tokenizer, settings)
+    assert [s.sample_id for s in report.built] == ["short"]
+    assert report.skipped == [f"long: student sequence has {long_length} tokens > data.max_seq_len={short_length}"]
+
+
+def test_token_ids_outside_the_vocabulary_name_the_row(tokenizer):
+    settings = RecordSettings(num_fewshot=0, seed=0, max_seq_len=64, max_teacher_len=None)
+    record = Record("t", 0, "corpus.parquet:row 1", token_ids=(1, 2, 99999), loss_mask=(True, True, True))
+    with pytest.raises(DataError, match=r"corpus.parquet:row 1: input_ids holds 99999 outside the tokenizer's"):
+        build_record_samples([record], [], tokenizer, settings)
+
+
+def test_shots_need_enough_one_exchange_conversations(tokenizer):
+    settings = RecordSettings(num_fewshot=2, seed=0, max_seq_len=256, max_teacher_len=None)
+    pool = [Record(f"r{i}", i, f"f:{i + 1}", messages=(("user", f"{i} + 1?"), ("assistant", str(i + 1))))
+            for i in range(3)]
+    report = build_record_samples(pool, pool, tokenizer, settings)
+    assert [s.num_shots for s in report.built] == [2, 2, 2]
+    for sample, record in zip(report.built, pool):  # a sample is never its own shot
+        teacher_text = tokenizer.decode(sample.pair.teacher_input_ids)
+        assert teacher_text.count(record.messages[0][1]) == 1
+    with pytest.raises(DataError, match="needs more than 2 one-exchange"):
+        build_record_samples(pool[:2], pool[:2], tokenizer, settings)
