@@ -40,6 +40,23 @@ def _distribution(values: np.ndarray) -> dict[str, float] | None:
     }
 
 
+def per_source(cache: "KDCache") -> dict[str, dict[str, int]] | None:
+    """{source: {samples, student_tokens, teacher_tokens, distilled_positions}} from the in-memory offsets,
+    in the cache's source order; None for a cache that records no sources."""
+    if not cache.has_sources:
+        return None
+    table = {name: {"samples": 0, "student_tokens": 0, "teacher_tokens": 0, "distilled_positions": 0}
+             for name in cache.source_names}
+    for part in cache.parts:
+        columns = {"student_tokens": np.diff(part.offsets.tokens), "teacher_tokens":
+                   np.diff(part.offsets.teacher_tokens), "distilled_positions": np.diff(part.offsets.labels)}
+        for local, name in enumerate(part.sources or []):
+            table[name]["samples"] += 1
+            for key, values in columns.items():
+                table[name][key] += int(values[local])
+    return table
+
+
 def compute_stats(cache: "KDCache") -> dict[str, Any]:
     """Counts, storage size and the kept-mass distribution (1 − kept mass is the tail the cache drops)."""
     bytes_on_disk = cache.bytes_on_disk()
@@ -57,4 +74,5 @@ def compute_stats(cache: "KDCache") -> dict[str, Any]:
         "bytes_on_disk": bytes_on_disk,
         "bytes_per_position": bytes_on_disk / positions if positions else None,
         "kept_mass": _distribution(kept_mass_per_position(cache)),
+        "sources": per_source(cache),
     }

@@ -110,7 +110,7 @@ def _deep_part(cache: "KDCache", part: "PartView", global_start: int, log: _Prob
                 log.add(f"part {part.part_id} sample {sample['sample_id']!r}: {problem}")
             if log.full:
                 return
-    checksum = part_checksum(part.arrays, cache.has_relations)
+    checksum = part_checksum(part.arrays, cache.has_relations, has_sources=cache.has_sources)
     if checksum != part.commit["checksum"]:
         log.add(f"part {part.part_id}: checksum mismatch (stored arrays changed after commit)")
 

@@ -1,4 +1,4 @@
-"""Constants of the kd-topk-cache format (version 1) and its error classes.
+"""Constants of the kd-topk-cache format (version 2) and its error classes.
 
 Everything a writer and a reader must agree on lives here: the format name and version, the names of the
 root/part metadata keys, the names and storage dtypes of the per-part arrays, chunk sizes and the numeric
@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 FORMAT_NAME = "kd-topk-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version history: 1 = no per-sample source; 2 = optional root `sources` + per-part `source_index` (README).
 
 # Root group layout: attributes hold the metadata, `parts/<part_id>` holds one sub-group per part.
 PARTS_GROUP = "parts"
@@ -54,6 +55,7 @@ TOPK_IDS = "topk_ids"  # id_dtype [N, K]
 TOPK_LOGPROBS = "topk_logprobs"  # logprob_dtype [N, K]
 RELATION_OFFSETS = "relation_offsets"  # int64 [S+1] into relations (element offsets)
 RELATIONS = "relations"  # relations_dtype [Σ 3·A_r·n²], sample s reshaped to [3, A_r, n, n]
+SOURCE_INDEX = "source_index"  # int32 [S]: index into the root metadata's `sources` (version 2, optional)
 
 OFFSET_ARRAYS = (SAMPLE_ID_OFFSETS, TOKEN_OFFSETS, TEACHER_TOKEN_OFFSETS, LABEL_OFFSETS)
 RELATION_KINDS = ("qq", "kk", "vv")
@@ -70,9 +72,12 @@ SAMPLE_KEYS = (
     "label_logprobs",
 )
 RELATIONS_KEY = "relations"
+SOURCE_KEY = "source"  # a sample's source name (str), present exactly when the cache records sources
+SOURCES_META_KEY = "sources"  # root metadata: list of source names, or absent/null (no per-sample source)
 
 OFFSET_DTYPE = np.dtype("int64")
 POSITION_DTYPE = np.dtype("int32")
+SOURCE_INDEX_DTYPE = np.dtype("int32")
 LABEL_LOGPROB_DTYPE = np.dtype("float32")
 LOGPROB_DTYPES = ("float16", "float32")  # zarr has no bfloat16
 

@@ -31,6 +31,8 @@ class StorageDtypes:
     label_logprobs: np.dtype
     relations: np.dtype | None
     num_relation_heads: int | None
+    sources: tuple[str, ...] | None = None
+    """Source names of the cache (root ``sources``); None: samples carry no source and there is no source_index."""
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "StorageDtypes":
@@ -42,10 +44,11 @@ class StorageDtypes:
             label_logprobs=np.dtype(meta["label_logprob_dtype"]),
             relations=np.dtype(relations["dtype"]) if relations else None,
             num_relation_heads=int(relations["num_relation_heads"]) if relations else None,
+            sources=tuple(meta[fmt.SOURCES_META_KEY]) if meta.get(fmt.SOURCES_META_KEY) else None,
         )
 
 
-def array_order(has_relations: bool) -> tuple[str, ...]:
+def array_order(has_relations: bool, has_sources: bool = False) -> tuple[str, ...]:
     """Names of a part's arrays in the fixed order used for writing and checksumming."""
     names = (
         fmt.SAMPLE_ID_OFFSETS,
@@ -61,12 +64,13 @@ def array_order(has_relations: bool) -> tuple[str, ...]:
         fmt.TOPK_IDS,
         fmt.TOPK_LOGPROBS,
     )
-    return names + ((fmt.RELATION_OFFSETS, fmt.RELATIONS) if has_relations else ())
+    return (names + ((fmt.RELATION_OFFSETS, fmt.RELATIONS) if has_relations else ())
+            + ((fmt.SOURCE_INDEX,) if has_sources else ()))
 
 
 def chunk_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Chunk shape of an array: offsets in one chunk (read whole at open), flat axes in fixed-size chunks."""
-    if name in fmt.OFFSET_ARRAYS or name == fmt.RELATION_OFFSETS:
+    if name in fmt.OFFSET_ARRAYS or name in (fmt.RELATION_OFFSETS, fmt.SOURCE_INDEX):
         return (max(1, shape[0]),)
     if name in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS):
         return (fmt.LABEL_CHUNK, shape[1])
@@ -111,17 +115,22 @@ def pack_samples(samples: Sequence[Mapping[str, Any]], dtypes: StorageDtypes, to
         flat = [np.asarray(s[fmt.RELATIONS_KEY]).reshape(-1) for s in samples]
         packed[fmt.RELATION_OFFSETS] = _offsets([f.size for f in flat])
         packed[fmt.RELATIONS] = _concat(flat, dtypes.relations)
+    if dtypes.sources is not None:
+        position = {name: i for i, name in enumerate(dtypes.sources)}
+        packed[fmt.SOURCE_INDEX] = np.asarray([position[s[fmt.SOURCE_KEY]] for s in samples],
+                                              dtype=fmt.SOURCE_INDEX_DTYPE)
     return packed
 
 
-def part_checksum(arrays: Mapping[str, Any], has_relations: bool, block_rows: int = 1 << 16) -> str:
+def part_checksum(arrays: Mapping[str, Any], has_relations: bool, block_rows: int = 1 << 16,
+                  has_sources: bool = False) -> str:
     """sha256 (hex) over every array's name, dtype, shape and little-endian bytes, in array_order().
 
     `arrays` maps names to numpy arrays (writer) or zarr arrays (validation); rows are hashed in blocks so
     a large part never has to be in memory at once.
     """
     digest = hashlib.sha256()
-    for name in array_order(has_relations):
+    for name in array_order(has_relations, has_sources):
         array = arrays[name]
         little = np.dtype(array.dtype).newbyteorder("<")
         digest.update(f"{name}:{little.str}:{tuple(array.shape)};".encode("utf-8"))

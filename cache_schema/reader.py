@@ -51,6 +51,8 @@ class PartView:
     offsets: PartOffsets
     sample_ids: list[str]
     commit: dict[str, Any]
+    sources: list[str] | None = None
+    """Source name of each local sample (format version 2 caches that record sources), else None."""
 
     def read_block(self, first: int, stop: int) -> dict[str, np.ndarray]:
         """Rows of every flat array covering local samples [first, stop), one contiguous slice each."""
@@ -93,7 +95,20 @@ def _check_header(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: bool) -> PartView:
+def _part_sources(where: str, arrays: dict[str, zarr.Array], num_samples: int,
+                  names: list[str] | None) -> list[str] | None:
+    """Each local sample's source name from `source_index` [S], or None when the cache records no sources."""
+    if names is None:
+        return None
+    index = arrays[fmt.SOURCE_INDEX][:]
+    if index.shape != (num_samples,) or (index.size and (index.min() < 0 or index.max() >= len(names))):
+        raise fmt.CacheFormatError(f"{where}: source_index has shape {index.shape} or values outside "
+                                   f"[0, {len(names)}); the cache is corrupt, rebuild it")
+    return [names[int(i)] for i in index]
+
+
+def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: bool,
+               sources: list[str] | None = None) -> PartView:
     """Open one part and check it against its index entry; CacheFormatError on any disagreement."""
     commit = read_part_commit(path, part_id)
     where = f"{path}: part {part_id}"
@@ -101,7 +116,7 @@ def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: b
         raise fmt.CacheFormatError(f"{where}: commit record {commit!r} disagrees with the index entry {entry!r}")
     group = zarr.open_group(store=str(path / fmt.part_path(part_id)), mode="r", zarr_format=3)
     try:
-        arrays = {name: group[name] for name in array_order(has_relations)}
+        arrays = {name: group[name] for name in array_order(has_relations, sources is not None)}
     except KeyError as error:
         raise fmt.CacheFormatError(f"{where}: array {error} is missing; the cache is corrupt, rebuild it") from None
     loaded = {name: arrays[name][:] for name in fmt.OFFSET_ARRAYS}
@@ -133,7 +148,8 @@ def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: b
         relations=relation_offsets,
     )
     sample_ids = decode_sample_ids(loaded[fmt.SAMPLE_ID_OFFSETS], arrays[fmt.SAMPLE_ID_BYTES][:])
-    return PartView(part_id, arrays, offsets, sample_ids, commit)
+    part_sources = _part_sources(where, arrays, entry["num_samples"], sources)
+    return PartView(part_id, arrays, offsets, sample_ids, commit, part_sources)
 
 
 def open_cache(path: str | os.PathLike) -> "KDCache":
@@ -147,7 +163,8 @@ def open_cache(path: str | os.PathLike) -> "KDCache":
             f"{root}: index lists {len(entries or [])} parts, metadata says {meta.get('num_parts')}"
         )
     has_relations = bool(meta.get("relations"))
-    parts = [_open_part(root, part_id, entry, has_relations) for part_id, entry in enumerate(entries)]
+    sources = meta.get(fmt.SOURCES_META_KEY) or None  # absent in version-1 caches
+    parts = [_open_part(root, part_id, entry, has_relations, sources) for part_id, entry in enumerate(entries)]
     return KDCache(root, meta, parts)
 
 
@@ -156,7 +173,7 @@ class KDCache:
 
     `cache[i]` is a dict with sample_id (str), input_ids [T], teacher_input_ids [Tt], label_positions [n],
     teacher_positions [n] (int64), topk_ids [n, K] (int64), topk_logprobs [n, K], label_logprobs [n]
-    (float32) and, when `has_relations`, relations [3, A_r, n, n] (float32).
+    (float32), when `has_relations`, relations [3, A_r, n, n] (float32), and when `has_sources`, source (str).
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], parts: list[PartView]) -> None:
@@ -169,6 +186,9 @@ class KDCache:
             np.concatenate([[0], np.cumsum([len(p.sample_ids) for p in parts])]).astype(int).tolist()
         )
         self.sample_ids: list[str] = [sample_id for part in parts for sample_id in part.sample_ids]
+        # Per-sample source names (None for caches that record none, e.g. format version 1).
+        self.sample_sources: list[str] | None = (
+            [name for part in parts for name in (part.sources or [])] if self.has_sources else None)
         totals = meta["index"]["totals"]
         self.num_tokens: int = int(totals["num_tokens"])
         self.num_teacher_tokens: int = int(totals["num_teacher_tokens"])
@@ -185,6 +205,16 @@ class KDCache:
     @property
     def has_relations(self) -> bool:
         return bool(self.meta.get("relations"))
+
+    @property
+    def has_sources(self) -> bool:
+        """True when every sample records its source (format version >= 2 written with ``sources``)."""
+        return bool(self.meta.get(fmt.SOURCES_META_KEY))
+
+    @property
+    def source_names(self) -> list[str]:
+        """The cache's source names (root ``sources``), [] when it records none."""
+        return list(self.meta.get(fmt.SOURCES_META_KEY) or [])
 
     def __len__(self) -> int:
         return self._part_starts[-1]
@@ -216,9 +246,13 @@ class KDCache:
             part = self.parts[part_index]
             local_stop = min(len(part.sample_ids), local + (stop - position))
             block = part.read_block(local, local_stop)
-            samples += split_block(
+            block_samples = split_block(
                 block, part.offsets, local, local_stop, part.sample_ids, self.dtypes.num_relation_heads
             )
+            if part.sources is not None:
+                for offset, sample in enumerate(block_samples):
+                    sample[fmt.SOURCE_KEY] = part.sources[local + offset]
+            samples += block_samples
             position += local_stop - local
         return samples
 

@@ -21,6 +21,8 @@ from cache_schema.format import (
     RELATION_ROW_SUM_TOLERANCE,
     RELATIONS_KEY,
     SAMPLE_KEYS,
+    SOURCE_KEY,
+    SOURCES_META_KEY,
     CacheValidationError,
 )
 
@@ -37,6 +39,7 @@ class SampleRules:
     num_relation_heads: int | None  # None: the cache has no relations, samples must not carry them
     kept_mass_tolerance: float = KEPT_MASS_TOLERANCE["float32"]
     relation_row_tolerance: float = RELATION_ROW_SUM_TOLERANCE["float32"]
+    sources: tuple[str, ...] | None = None  # None: the cache records no source, samples must not carry one
 
 
 def rules_from_meta(meta: Mapping[str, Any]) -> SampleRules:
@@ -48,6 +51,7 @@ def rules_from_meta(meta: Mapping[str, Any]) -> SampleRules:
         num_relation_heads=int(relations["num_relation_heads"]) if relations else None,
         kept_mass_tolerance=KEPT_MASS_TOLERANCE[meta["logprob_dtype"]],
         relation_row_tolerance=RELATION_ROW_SUM_TOLERANCE[relations["dtype"]] if relations else 0.0,
+        sources=tuple(meta[SOURCES_META_KEY]) if meta.get(SOURCES_META_KEY) else None,
     )
 
 
@@ -76,15 +80,22 @@ def coerce_sample(sample: Mapping[str, Any], rules: SampleRules) -> dict[str, An
     if not isinstance(sample_id, str) or not sample_id:
         raise CacheValidationError(f"sample_id must be a non-empty str, got {sample_id!r}")
     expected = set(SAMPLE_KEYS) | ({RELATIONS_KEY} if rules.num_relation_heads is not None else set())
+    expected |= {SOURCE_KEY} if rules.sources is not None else set()
     missing, unknown = sorted(expected - set(sample)), sorted(set(sample) - expected)
     if missing or unknown:
         hint = " (this cache has no relations group)" if RELATIONS_KEY in unknown else ""
+        hint += " (this cache records no sources)" if SOURCE_KEY in unknown else ""
         raise CacheValidationError(
             f"sample {sample_id!r}: missing keys {missing}, unexpected keys {unknown}{hint}; "
             f"a sample holds exactly {sorted(expected)}"
         )
     arrays: dict[str, Any] = {"sample_id": sample_id}
-    for name in sorted(expected - {"sample_id"}):
+    if rules.sources is not None:
+        if sample[SOURCE_KEY] not in rules.sources:
+            raise CacheValidationError(f"sample {sample_id!r}: source {sample[SOURCE_KEY]!r} is not one of the "
+                                       f"cache's sources {list(rules.sources)}")
+        arrays[SOURCE_KEY] = sample[SOURCE_KEY]
+    for name in sorted(expected - {"sample_id", SOURCE_KEY}):
         arrays[name] = _as_array(name, sample[name], sample_id)
     num_pairs = arrays["label_positions"].shape[0] if arrays["label_positions"].ndim == 1 else -1
     for name in ("topk_ids", "topk_logprobs"):

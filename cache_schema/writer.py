@@ -74,6 +74,17 @@ def _check_relations_spec(relations: Mapping[str, Any] | None, relations_dtype: 
     return {**relations, "kinds": list(fmt.RELATION_KINDS), "dtype": relations_dtype}
 
 
+def _check_sources(meta: Mapping[str, Any]) -> None:
+    """``meta["sources"]``, when given, names each sample's source: distinct non-empty strings."""
+    sources = meta.get(fmt.SOURCES_META_KEY)
+    if sources is None:
+        return
+    if (not isinstance(sources, list) or not sources or not all(isinstance(n, str) and n for n in sources)
+            or len(set(sources)) != len(sources)):
+        raise fmt.CacheError(f"cache meta['sources'] must be a non-empty list of distinct non-empty names, "
+                             f"got {sources!r}")
+
+
 def _check_user_meta(meta: Mapping[str, Any], writer_meta: Mapping[str, Any]) -> None:
     """Required keys present, JSON-able, and no writer-owned key set to a different value."""
     missing = [key for key in fmt.REQUIRED_META_KEYS if key not in meta]
@@ -124,7 +135,8 @@ def identity_differences(existing: Mapping[str, Any], wanted: Mapping[str, Any])
 def _layout(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed (incomplete) cache must also share, because parts already written depend on it."""
     return {
-        key: meta.get(key) for key in ("format_version", "num_parts", "vocab_size", "id_dtype", "logprob_dtype")
+        key: meta.get(key) for key in ("format_version", "num_parts", "vocab_size", "id_dtype", "logprob_dtype",
+                                       fmt.SOURCES_META_KEY)
     } | {"relations.dtype": (meta.get("relations") or {}).get("dtype")}
 
 
@@ -182,6 +194,7 @@ class CacheWriter:
         }
         user_meta = {key: value for key, value in meta.items() if key != "relations"}  # merged just above
         _check_user_meta(user_meta, writer_meta)
+        _check_sources(user_meta)
         self.meta: dict[str, Any] = {**user_meta, **writer_meta}
 
     def __enter__(self) -> "CacheWriter":
@@ -336,11 +349,12 @@ def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[
     packed = pack_samples(coerced, dtypes, int(meta["top_k"]))
     _check_storage_range(packed, coerced, part_id)
     has_relations = dtypes.relations is not None
+    has_sources = dtypes.sources is not None
 
     part_dir = path / fmt.part_path(part_id)
     shutil.rmtree(part_dir, ignore_errors=True)
     group = zarr.create_group(store=str(part_dir), attributes={"part_id": part_id}, zarr_format=3)
-    for name in array_order(has_relations):
+    for name in array_order(has_relations, has_sources):
         data = packed[name]
         array = group.create_array(
             name,
@@ -363,7 +377,7 @@ def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[
         # embedding is padded differently from the teacher's (Qwen 151936 vs 152064 rows) be checked exactly.
         "max_token_id": max((int(packed[name].max()) for name in (fmt.INPUT_IDS, fmt.TOPK_IDS)
                              if packed[name].size), default=-1),
-        "checksum": part_checksum(packed, has_relations),
+        "checksum": part_checksum(packed, has_relations, has_sources=has_sources),
         "committed_at": _utc_now(),
     }
     group.attrs.update({fmt.PART_COMMIT_ATTR: commit})  # LAST: this write is what makes the part exist

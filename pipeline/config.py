@@ -6,14 +6,15 @@ combinations) live in :func:`validate_config` and nowhere else.
 
 Stable keys (other tools rely on them): ``teacher.model``, ``teacher.backend``, ``teacher.top_k``,
 ``student.model``, ``data.train``, ``data.num_fewshot``, ``cache.path``, ``train.output_dir``,
-``train.max_steps``, ``seed``.
+``train.max_steps``, ``seed``. (``data.train`` is null in mixture configs, whose sources are in
+``data.mixture`` / ``data.mixture_file``.)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -32,6 +33,9 @@ TOPK_HANDLING = ("tail", "renormalize")
 EVAL_BACKENDS = ("auto", "vllm", "hf")
 EVAL_BASELINES = ("none", "sft")
 ANSWER_FALLBACKS = ("last_number", "none")
+DATA_FORMATS = ("gsm8k", "alpaca", "sharegpt", "openai", "text", "tokenized", "auto")
+DOCUMENT_FORMATS = ("text", "tokenized")
+MIXTURE_UNITS = ("samples", "tokens")
 
 
 @dataclass
@@ -112,11 +116,26 @@ class StudentConfig:
 
 
 @dataclass
+class MixtureEntry:
+    """One source of a data mixture (``data.mixture``)."""
+
+    name: str = MISSING
+    """Source name: recorded per sample in the cache, shown by inspect-cache, keyed by train.source_weights."""
+    path: str = MISSING
+    """Local JSONL / parquet file of the source."""
+    proportion: float = 1.0
+    """Share of the mixture budget (normalised over all sources; >= 0)."""
+    format: Optional[str] = None
+    """The source's data format (None: data.format)."""
+
+
+@dataclass
 class DataConfig:
     """Where the samples come from and how prompts are built."""
 
-    train: str = MISSING
-    """Training samples: a local JSONL / parquet file, or a HF dataset name (machines with internet only)."""
+    train: Optional[str] = None
+    """Training samples: a local JSONL / parquet file, or a HF dataset name (machines with internet only).
+    Required unless data.mixture or data.mixture_file gives the sources."""
     validation: Optional[str] = None
     """Held-out samples for validation (cached too); None: no validation set."""
     test: Optional[str] = None
@@ -135,6 +154,25 @@ class DataConfig:
     """Use only the first N training samples (None: all)."""
     on_error: str = "fail"
     """Malformed rows: ``fail`` (stop, naming file:line) or ``skip`` (skip and count)."""
+    format: str = "gsm8k"
+    """Row format: gsm8k, alpaca, sharegpt, openai (chat: only assistant turns distilled), text, tokenized
+    (every token / loss_mask distilled), or auto (detected from the first row). See stages/data_formats.py."""
+    system_prompt: Optional[str] = None
+    """System message given to teacher and student for conversations without one (chat formats)."""
+    teacher_system_prompt: Optional[str] = None
+    """Privileged teacher context: a system prompt only the teacher sees (chat formats); the student learns to
+    behave as if it had been told. Merged in front of the row's own system message."""
+    window_stride: Optional[int] = None
+    """text/tokenized: documents longer than max_seq_len become windows starting every window_stride tokens
+    (None: max_seq_len, no overlap); each token is distilled once. Never truncated."""
+    mixture: List[MixtureEntry] = field(default_factory=list)
+    """Sources drawn in proportion (instead of data.train); see stages/mixture.py."""
+    mixture_file: Optional[str] = None
+    """A mixture file instead of data.mixture: lines ``name path proportion [format]``."""
+    mixture_budget: Optional[int] = None
+    """Size of the mixture draw in mixture_unit (required with a mixture)."""
+    mixture_unit: str = "samples"
+    """``samples`` or ``tokens`` (student tokens): what mixture_budget and the proportions count."""
 
 
 @dataclass
@@ -197,6 +235,10 @@ class TrainConfig:
     """Distilled rows per student lm_head / log-softmax chunk (bounds the [chunk, V] logits memory)."""
     keep_checkpoints: int = 2
     """Most recent complete checkpoints kept in output_dir/checkpoints (0: keep all)."""
+    source_weights: Dict[str, float] = field(default_factory=dict)
+    """Train-time reweighting of the cache's sources without re-caching: a source's samples are drawn
+    ``weight`` times as often as cached (0 drops the source; unlisted sources keep 1). When set, each epoch
+    draws as many samples as the training split holds, with replacement, by these weights."""
 
 
 @dataclass
@@ -292,11 +334,46 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     if d.max_samples is not None:
         _positive(d.max_samples, source, "data.max_samples")
     _one_of(d.on_error, ON_ERROR_POLICIES, source, "data.on_error")
+    _validate_data_formats(d, source)
     _positive(c.shard_size, source, "cache.shard_size")
     _one_of(c.logprob_dtype, CACHE_LOGPROB_DTYPES, source, "cache.logprob_dtype")
     _validate_train(tr, source)
     _validate_eval(cfg.eval, source)
     return cfg
+
+
+def _validate_data_formats(d: DataConfig, source: str) -> None:
+    _one_of(d.format, DATA_FORMATS, source, "data.format")
+    has_mixture = bool(d.mixture) or d.mixture_file is not None
+    _check(not (d.mixture and d.mixture_file is not None), source, "data.mixture_file",
+           "give data.mixture or data.mixture_file, not both")
+    _check(d.train is not None or has_mixture, source, "data.train",
+           "required key is missing; set data.train (or data.mixture / data.mixture_file)")
+    _check(d.train is None or not has_mixture, source, "data.train",
+           "not used with a mixture; set data.train=null or drop the mixture")
+    for i, entry in enumerate(d.mixture):
+        key = f"data.mixture[{i}]"
+        _check(bool(entry.name.strip()) and not any(c.isspace() for c in entry.name), source, f"{key}.name",
+               f"must be a non-empty name without spaces (got {entry.name!r})")
+        _positive(entry.proportion, source, f"{key}.proportion", allow_zero=True)
+        if entry.format is not None:
+            _one_of(entry.format, DATA_FORMATS, source, f"{key}.format")
+    if d.mixture:
+        _check(sum(e.proportion for e in d.mixture) > 0, source, "data.mixture",
+               "proportions sum to 0; at least one must be > 0")
+    if has_mixture:
+        _check(d.mixture_budget is not None, source, "data.mixture_budget",
+               "required with a mixture: how many samples (or tokens, data.mixture_unit) to draw")
+        _positive(d.mixture_budget, source, "data.mixture_budget")
+    _one_of(d.mixture_unit, MIXTURE_UNITS, source, "data.mixture_unit")
+    if d.window_stride is not None:
+        _check(0 < d.window_stride <= d.max_seq_len, source, "data.window_stride",
+               f"must be in [1, data.max_seq_len={d.max_seq_len}] (got {d.window_stride})")
+    if d.format in DOCUMENT_FORMATS:
+        _check(d.num_fewshot == 0, source, "data.num_fewshot",
+               f"data.format={d.format} has no question/answer structure for worked examples; set 0")
+        _check(not d.teacher_system_prompt, source, "data.teacher_system_prompt",
+               f"data.format={d.format} has no conversation to put a system prompt in; drop it")
 
 
 def _validate_train(tr: TrainConfig, source: str) -> None:
@@ -317,6 +394,8 @@ def _validate_train(tr: TrainConfig, source: str) -> None:
     _one_of(tr.topk_handling, TOPK_HANDLING, source, "train.topk_handling")
     _one_of(tr.mixed_precision, MIXED_PRECISION, source, "train.mixed_precision")
     _positive(tr.logprob_chunk, source, "train.logprob_chunk")
+    for name, weight in tr.source_weights.items():
+        _positive(weight, source, f"train.source_weights.{name}", allow_zero=True)
 
 
 def _validate_eval(ev: EvalConfig, source: str) -> None:

@@ -55,6 +55,12 @@ def format_summary(s: dict) -> str:
     if kept:
         order = [k for k in ("min", "p1", "p10", "median", "p90", "max", "mean") if k in kept]
         lines.append("kept mass Σexp   " + "  ".join(f"{k} {kept[k]:.4f}" for k in order))
+    sources = s.get("sources")
+    if sources is None:
+        lines.append("sources          not recorded (format version 1 cache)")
+    for name, row in (sources or {}).items():
+        lines.append(f"source           {name:<16} {row['samples']:,} samples, {row['student_tokens']:,} student "
+                     f"tokens, {row['distilled_positions']:,} distilled positions")
     for name, value in sorted(s["fingerprints"].items()):
         lines.append(f"fingerprint      {name:<10} {value}")
     if s.get("validated"):

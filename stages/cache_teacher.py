@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,9 @@ from pipeline.config import Config
 from pipeline.config_loader import config_to_dict
 from pipeline.errors import DataError, UserError
 from stages.prompting import has_chat_template
+from stages.data_formats import DATA_FORMATS, source_name
+from stages.mixture import MixtureSource, TrainingSet, check_sources, draw_mixture, read_mixture_file, single_source
+from stages.record_sequences import RecordSettings
 from stages.samples import read_samples
 from stages.sequences import AlignedSample, build_aligned_samples
 from stages.teacher.scoring import BackendSettings, RelationSettings, ScoreRequest, check_top_k_fits
@@ -53,6 +56,8 @@ class StageOnePlan:
     trimmed: int = 0
     state: str = "absent"
     """What was at cache.path before: absent, incomplete (resume) or complete (nothing to do)."""
+    notes: list[str] = field(default_factory=list)
+    """What stage one decided about the data (detected format, mixture draw), printed before scoring."""
 
 
 def backend_settings(cfg: Config) -> BackendSettings:
@@ -106,6 +111,59 @@ def _fingerprints(cfg: Config, tokenizer, model_config: dict, samples, pool) -> 
     }
 
 
+def _record_fingerprints(training: TrainingSet, cfg: Config, tokenizer, model_config: dict) -> dict[str, str]:
+    """Fingerprints of a non-GSM8K training set: the data is the built sequences themselves (they capture the
+    format, template, shots, system prompts, windows and mixture draw)."""
+    base = _fingerprints(cfg, tokenizer, model_config, [], [])
+    rows = [{"id": s.sample_id, "source": s.source, "s": s.pair.input_ids, "t": s.pair.teacher_input_ids,
+             "p": s.pair.label_positions, "tp": s.pair.teacher_positions} for s in training.built]
+    d = cfg.data
+    prompt = {"formats": training.formats, "seed": cfg.seed,
+              "chat_template": tokenizer.chat_template if has_chat_template(tokenizer) else PLAIN_TEMPLATE_NAME,
+              **{key: getattr(d, key) for key in ("num_fewshot", "max_seq_len", "max_teacher_len", "system_prompt",
+                                                  "teacher_system_prompt", "window_stride", "mixture_unit",
+                                                  "mixture_budget")}}
+    return base | {"data": samples_fingerprint(rows), "prompt": json_fingerprint(prompt)}
+
+
+def _training_set(cfg: Config, tokenizer, teacher_len: int | None) -> tuple[TrainingSet, tuple | None]:
+    """Every aligned sample stage one scores, and for the GSM8K path (unchanged, fingerprinted as before) its
+    (samples, shot pool); None for data formats and mixtures."""
+    d = cfg.data
+    if d.format == "gsm8k" and not d.mixture and d.mixture_file is None:
+        train = read_samples(d.train, dataset_config=d.dataset_config, on_error=d.on_error,
+                             max_samples=d.max_samples)
+        pool = train.samples
+        if d.fewshot_pool is not None:
+            pool = read_samples(d.fewshot_pool, dataset_config=d.dataset_config, on_error=d.on_error).samples
+        elif d.max_samples is not None and d.num_fewshot:
+            pool = read_samples(d.train, dataset_config=d.dataset_config, on_error=d.on_error).samples
+        report = build_aligned_samples(train.samples, pool, tokenizer, num_fewshot=d.num_fewshot, seed=cfg.seed,
+                                       max_seq_len=d.max_seq_len, max_teacher_len=teacher_len)
+        name = source_name(d.train)
+        built = [replace(sample, source=name) for sample in report.built]
+        return TrainingSet(built, [name], train.skipped + report.skipped, report.trimmed, [],
+                           {name: "gsm8k"}), (train.samples, pool)
+    settings = RecordSettings(d.num_fewshot, cfg.seed, d.max_seq_len, teacher_len, d.window_stride,
+                              d.system_prompt, d.teacher_system_prompt)
+    if d.mixture or d.mixture_file is not None:
+        if d.mixture_file is not None:
+            sources, origin = read_mixture_file(d.mixture_file, DATA_FORMATS), d.mixture_file
+        else:
+            sources = [MixtureSource(e.name, e.path, e.proportion, e.format, f"data.mixture[{i}] ({e.name})")
+                       for i, e in enumerate(d.mixture)]
+            origin = "data.mixture"
+        check_sources(sources, origin)
+        training = draw_mixture(sources, default_format=d.format, budget=int(d.mixture_budget or 0),
+                                unit=d.mixture_unit, tokenizer=tokenizer, settings=settings,
+                                dataset_config=d.dataset_config, on_error=d.on_error)
+    else:
+        training = single_source(d.train, d.format, pool_spec=d.fewshot_pool, tokenizer=tokenizer,
+                                 settings=settings, dataset_config=d.dataset_config, on_error=d.on_error,
+                                 max_samples=d.max_samples)
+    return training, None
+
+
 def _check_existing(path: str, meta: dict, overwrite: bool) -> str:
     """'absent' | 'incomplete' (resume) | 'complete' (nothing to do); refuses foreign or mismatched caches."""
     state, existing = peek_cache_state(path)
@@ -131,31 +189,27 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
                         "different tokenizers; cached token ids would mean different things to the student")
     check_top_k_fits(cfg.teacher.top_k, len(tokenizer), cfg.teacher.model)
     model_config = _model_config(cfg.teacher.model)
-    d = cfg.data
-    train = read_samples(d.train, dataset_config=d.dataset_config, on_error=d.on_error, max_samples=d.max_samples)
-    pool = train.samples
-    if d.fewshot_pool is not None:
-        pool = read_samples(d.fewshot_pool, dataset_config=d.dataset_config, on_error=d.on_error).samples
-    elif d.max_samples is not None and d.num_fewshot:
-        pool = read_samples(d.train, dataset_config=d.dataset_config, on_error=d.on_error).samples
-    report = build_aligned_samples(train.samples, pool, tokenizer, num_fewshot=d.num_fewshot, seed=cfg.seed,
-                                   max_seq_len=d.max_seq_len,
-                                   max_teacher_len=_teacher_length_limit(cfg, model_config))
-    if not report.built:
-        raise DataError(f"{d.train}: no sample fits (first reason: {report.skipped[0]})")
+    training, gsm8k_rows = _training_set(cfg, tokenizer, _teacher_length_limit(cfg, model_config))
+    if not training.built:
+        origin = cfg.data.train or cfg.data.mixture_file or "data.mixture"
+        raise DataError(f"{origin}: no sample fits (first reason: {training.skipped[0]})")
     size = cfg.cache.shard_size
-    shards = [report.built[i:i + size] for i in range(0, len(report.built), size)]
-    meta = {"fingerprints": _fingerprints(cfg, tokenizer, model_config, train.samples, pool),
+    shards = [training.built[i:i + size] for i in range(0, len(training.built), size)]
+    d = cfg.data
+    fingerprints = (_fingerprints(cfg, tokenizer, model_config, *gsm8k_rows) if gsm8k_rows is not None
+                    else _record_fingerprints(training, cfg, tokenizer, model_config))
+    meta = {"fingerprints": fingerprints,
             "top_k": cfg.teacher.top_k, "logprob_mode": cfg.teacher.logprob_mode,
             "config": config_to_dict(cfg), "teacher_model": cfg.teacher.model, "backend": cfg.teacher.backend,
-            "num_fewshot": d.num_fewshot, "skipped_samples": len(train.skipped) + len(report.skipped)}
+            "num_fewshot": d.num_fewshot, "skipped_samples": len(training.skipped),
+            "sources": training.sources, "source_formats": training.formats}
     if cfg.teacher.attention.enabled:
         meta["relations"] = {"layer": cfg.teacher.attention.layer, "num_relation_heads":
                              cfg.teacher.attention.num_heads, "kinds": ["qq", "kk", "vv"]}
     vocab_size = max(int(model_config.get("vocab_size") or 0), len(tokenizer))
     state = _check_existing(cfg.cache.path, meta, overwrite)
-    return StageOnePlan(cfg, backend_settings(cfg), shards, meta, vocab_size,
-                        skipped=train.skipped + report.skipped, trimmed=report.trimmed, state=state)
+    return StageOnePlan(cfg, backend_settings(cfg), shards, meta, vocab_size, skipped=training.skipped,
+                        trimmed=training.trimmed, state=state, notes=training.notes)
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -216,7 +270,7 @@ def score_shard(settings: BackendSettings, cache_path: str, part_id: int, shard:
                   "label_positions": np.asarray(item.pair.label_positions, dtype=np.int64),
                   "teacher_positions": np.asarray(item.pair.teacher_positions, dtype=np.int64),
                   "topk_ids": result.topk_ids, "topk_logprobs": result.topk_logprobs,
-                  "label_logprobs": result.label_logprobs}
+                  "label_logprobs": result.label_logprobs, "source": item.source}
         if result.relations is not None:
             sample["relations"] = result.relations
         samples.append(sample)
@@ -367,6 +421,8 @@ def cache_teacher(cfg: Config, *, workers: int = 1, scheduler: str | None = None
                   progress: bool = True, echo=print) -> dict[str, Any]:
     """Stage one end to end. Returns the summary (``{"nothing_to_do": True, ...}`` for a matching cache)."""
     plan = setup(cfg, overwrite=overwrite)
+    for note in plan.notes:
+        echo(f"stage one: {note}")
     if plan.state == "complete":
         echo(f"stage one: nothing to do — {cfg.cache.path} is a complete cache with matching fingerprints")
         return {"nothing_to_do": True, "cache": cfg.cache.path}

@@ -131,6 +131,28 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return [int(tokenizer.eos_token_id)]
 
 
+def end_of_turn_text(tokenizer) -> str:
+    """What the chat template writes right after an assistant message, trailing whitespace dropped ("" if none).
+
+    The text form of :func:`end_of_turn_ids` for chat templates (e.g. "<|im_end|>" for ChatML).
+    """
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}]
+    rendered = _render_chat(tokenizer, messages, add_generation_prompt=False, tokenize=False)
+    if _SENTINEL not in rendered:
+        raise ValueError("the chat template does not render assistant content verbatim; cannot find its end of turn")
+    return rendered.split(_SENTINEL, 1)[1].rstrip()
+
+
+def render_chat_text(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The whole conversation rendered by the chat template as text (no generation prompt, thinking disabled)."""
+    return _render_chat(tokenizer, messages, add_generation_prompt=False, tokenize=False)
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos] if the tokenizer prepends one when adding special tokens, else [] (plain templates start with it)."""
+    return _bos_prefix(tokenizer)
+
+
 def prompt_ids(tokenizer, question: str, shots: list[tuple[str, str]]) -> list[int]:
     """Token ids up to where the answer starts (including the assistant generation prompt).
 

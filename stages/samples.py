@@ -127,6 +127,14 @@ def _rows(spec: str, dataset_config: str | None) -> tuple[str, Iterator[tuple[in
     return spec, _iter_hf_dataset(spec, dataset_config)
 
 
+def iter_rows(spec: str, dataset_config: str | None = None) -> tuple[str, Iterator[tuple[int, str, object]]]:
+    """(file stem or dataset name, iterator of (row_index, ``file:line``, parsed row or JSONDecodeError)).
+
+    The row reader shared by every data format (stages.data_formats); raises DataError for a missing file.
+    """
+    return _rows(spec, dataset_config)
+
+
 def read_samples(spec: str, *, dataset_config: str | None = None, on_error: str = "fail",
                  max_samples: int | None = None) -> SampleSet:
     """Read and check GSM8K-format rows from ``spec`` (file path or dataset name).

@@ -25,6 +25,8 @@ class AlignedSample:
     pair: PromptPair
     num_shots: int
     """Shots actually used (fewer than asked when the teacher context was trimmed)."""
+    source: str | None = None
+    """Name of the data source (mixture entry) the sample was drawn from; recorded in the cache."""
 
 
 @dataclass

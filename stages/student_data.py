@@ -12,6 +12,13 @@ uneven tail of an epoch is dropped (``drop_last``). With ``max_tokens_per_batch`
 below ``batch_size`` where ``rows × longest row`` would exceed the budget (decided per global batch, so all
 ranks still agree); a single row longer than the budget still forms a batch of one — never truncated.
 
+Source reweighting. With ``sample_weights`` (from :func:`source_sample_weights`: ``train.source_weights``
+per source, 1 for unlisted sources) an epoch is ``len(indices)`` draws *with replacement*, sample i drawn with
+probability ∝ its source's weight, from ``default_rng([seed, e])``: a source of weight 2 is seen twice as often
+as cached, weight 0 never — the mixture is re-balanced at train time without re-caching (the same design as
+sampling-probability blends in Megatron / ``datasets.interleave_datasets``; loss weights would instead keep the
+cached proportions and rescale gradients, which makes the effective learning rate depend on the batch's mix).
+
 Alignment (cache_schema README): ``label_positions`` p index ``input_ids``; the teacher's distribution at p
 predicts token ``input_ids[p]``, so the student's logits for it sit at ``p - 1``.
 """
@@ -174,8 +181,12 @@ class BatchSchedule:
     def __init__(
         self, indices: Sequence[int], *, batch_size: int, seed: int, shuffle: bool, rank: int, world_size: int,
         drop_last: bool, max_tokens_per_batch: int | None, lengths: np.ndarray | None,
+        sample_weights: np.ndarray | None = None,
     ) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
+        # [M] drawing probability of each index (None: a permutation per epoch).
+        self.probabilities = None if sample_weights is None else np.asarray(sample_weights, np.float64) / float(
+            np.sum(sample_weights))
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.max_tokens_per_batch = max_tokens_per_batch
@@ -185,6 +196,9 @@ class BatchSchedule:
 
     def order(self, epoch: int) -> np.ndarray:
         """[M] the epoch's visiting order of `indices`."""
+        if self.probabilities is not None:
+            rng = np.random.default_rng([self.seed, epoch])
+            return self.indices[rng.choice(self.indices.size, size=self.indices.size, p=self.probabilities)]
         if not self.shuffle:
             return self.indices
         return self.indices[np.random.default_rng([self.seed, epoch]).permutation(self.indices.size)]
@@ -327,7 +341,7 @@ def _close_all_prefetchers() -> None:
 
 
 _PLAN_KEYS = ("seed", "shuffle", "global_batch_size", "num_indices", "indices_crc32", "drop_last",
-              "max_tokens_per_batch")
+              "max_tokens_per_batch", "sample_weights_crc32")
 
 
 class CacheStream:
@@ -344,7 +358,7 @@ class CacheStream:
     def __init__(
         self, cache: Any, indices: Sequence[int], *, batch_size: int, seed: int, shuffle: bool = True,
         rank: int = 0, world_size: int = 1, pad_id: int, drop_last: bool = True, prefetch: int = 2,
-        max_tokens_per_batch: int | None = None, read_threads: int = 2,
+        max_tokens_per_batch: int | None = None, read_threads: int = 2, sample_weights: np.ndarray | None = None,
     ) -> None:
         _check_stream_args(len(indices), batch_size, rank, world_size, drop_last, prefetch, max_tokens_per_batch)
         if read_threads < 1:
@@ -357,6 +371,7 @@ class CacheStream:
             indices, batch_size=batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
             drop_last=drop_last, max_tokens_per_batch=max_tokens_per_batch,
             lengths=sample_lengths(cache) if max_tokens_per_batch is not None else None,
+            sample_weights=sample_weights,
         )
         self._position = (0, 0)  # (epoch, batches taken in it) of the next batch the consumer gets
         self._prefetcher: _Prefetcher | None = None
@@ -410,6 +425,9 @@ class CacheStream:
             "indices_crc32": zlib.crc32(schedule.indices.tobytes()),
             "drop_last": schedule.drop_last,
             "max_tokens_per_batch": schedule.max_tokens_per_batch,
+            # Absent (None) without reweighting, so checkpoints saved before it existed still resume.
+            "sample_weights_crc32": (None if schedule.probabilities is None
+                                     else zlib.crc32(schedule.probabilities.tobytes())),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -483,6 +501,24 @@ def split_indices(num_samples: int, num_validation: int, seed: int) -> tuple[np.
                          f"got {num_validation}")
     permutation = np.random.default_rng([seed, _SPLIT_SALT]).permutation(num_samples)
     return np.sort(permutation[num_validation:]).astype(np.int64), np.sort(permutation[:num_validation]).astype(np.int64)
+
+
+def source_sample_weights(cache: Any, indices: Sequence[int], source_weights: dict[str, float]) -> np.ndarray:
+    """[M] sampling weight of each of `indices`: its source's entry in `source_weights` (unlisted: 1).
+
+    ValueError for a cache that records no sources, a name the cache does not have, or weights that leave
+    nothing to draw.
+    """
+    if not getattr(cache, "has_sources", False):
+        raise ValueError(f"cache {cache.path} records no per-sample source (format version 1, or written "
+                         "without sources); re-run stage one to reweight sources")
+    unknown = sorted(set(source_weights) - set(cache.source_names))
+    if unknown:
+        raise ValueError(f"unknown source(s) {unknown}; the cache has {cache.source_names}")
+    per_sample = np.array([float(source_weights.get(cache.sample_sources[int(i)], 1.0)) for i in indices])
+    if not per_sample.size or per_sample.sum() <= 0:
+        raise ValueError("every training sample has weight 0; give at least one source a weight > 0")
+    return per_sample
 
 
 def iterate_once(cache: Any, indices: Sequence[int], batch_size: int, pad_id: int) -> Iterator[Batch]:

@@ -39,7 +39,8 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from stages import checkpoints as ckpt
 from stages.losses import distillation_loss, kept_mass_kl
-from stages.student_data import CacheMismatch, CacheStream, check_student_compatible, iterate_once, split_indices
+from stages.student_data import (CacheMismatch, CacheStream, check_student_compatible, iterate_once,
+                                 source_sample_weights, split_indices)
 from stages.student_model import (DistillStudent, build_student, export_final, load_tokenizer,
                                   load_trainable_state_dict, trainable_state_dict)
 from stages.train_metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, PeakMemory
@@ -146,6 +147,16 @@ def _split(cfg: Config, cache, accelerator) -> tuple[list[int], list[int]]:
     return [int(i) for i in train_idx], [int(i) for i in val_idx[accelerator.process_index::accelerator.num_processes]]
 
 
+def _sample_weights(cfg: Config, cache, train_idx: list[int]):
+    """Per-sample drawing weights from train.source_weights (None when not set)."""
+    if not cfg.train.source_weights:
+        return None
+    try:
+        return source_sample_weights(cache, train_idx, dict(cfg.train.source_weights))
+    except ValueError as exc:
+        raise UserError(f"train.source_weights: {exc}") from None
+
+
 def _optimizer(model, cfg: Config):
     from transformers import get_cosine_schedule_with_warmup
 
@@ -192,6 +203,7 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
         say = _quiet  # one voice per run
     identity = ckpt.run_identity(cfg, cache.meta)
     train_idx, val_idx = _split(cfg, cache, accelerator)
+    sample_weights = _sample_weights(cfg, cache, train_idx)  # refuse bad source weights before touching output_dir
     decision = _prepare_output_dir(cfg, identity, accelerator, resume=resume, overwrite=overwrite, say=say)
 
     set_seed(cfg.seed)  # same LoRA init on every process and every run of this config
@@ -205,7 +217,8 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     stream = CacheStream(cache, train_idx, batch_size=cfg.train.batch_size, seed=cfg.seed, shuffle=True,
-                         rank=accelerator.process_index, world_size=accelerator.num_processes, pad_id=pad_id)
+                         rank=accelerator.process_index, world_size=accelerator.num_processes, pad_id=pad_id,
+                         sample_weights=sample_weights)
     plan = StageTwoPlan(cfg, accelerator, cache, module, tokenizer, optimizer, scheduler, stream, val_idx,
                         cfg.train.num_validation_samples, pad_id, Path(cfg.train.output_dir), identity)
     if decision.action == "resume":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cache_schema import open_cache
+from cache_schema import FORMAT_VERSION, open_cache
 from pipeline.cli import main as cli_main
 
 
@@ -25,7 +25,7 @@ def test_json_summary(tiny_hf_cache, capsys):
     summary = json.loads(capsys.readouterr().out)
     cache = open_cache(tiny_hf_cache.cache.path)
     assert summary["samples"] == len(cache) == 24
-    assert summary["top_k"] == 8 and summary["format_version"] == 1
+    assert summary["top_k"] == 8 and summary["format_version"] == FORMAT_VERSION == 2
     assert summary["distilled_positions"] == cache.num_label_positions
     assert summary["student_tokens"] == cache.num_tokens
     assert summary["bytes_per_position"] == summary["bytes_on_disk"] / summary["distilled_positions"]
