@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline.config import Config, validate_config
-from pipeline.errors import UserError
+from pipeline.errors import DataError, UserError
 from stages import checkpoints as ckpt
 from stages.eval_metrics import answer_perplexity, held_out_kl, score_completions
 from stages.eval_report import results_table, write_generations, write_report
@@ -135,14 +135,31 @@ def _runs(cfg: Config, run_dir: str | None, steps: list[int]) -> list[TrainedRun
     return runs
 
 
-def setup(cfg: Config, *, run_dir: str | None = None, steps: list[int] | None = None) -> EvalPlan:
+def _shot_pool(cfg: Config, say: Callable) -> list[Sample]:
+    """Worked examples for the teacher's few-shot prompts: data.fewshot_pool, else data.train when it holds
+    question/answer rows. A mixture or chat-format training set gives none: the teacher is then evaluated
+    0-shot only (said, not silent)."""
+    d = cfg.data
+    if d.fewshot_pool is not None:
+        return _read_split(d.fewshot_pool, "data.fewshot_pool", cfg)
+    if d.train is None:
+        say("  teacher few-shot: no data.train or data.fewshot_pool to draw shots from; teacher 0-shot only")
+        return []
+    try:
+        return _read_split(d.train, "data.train", cfg)
+    except DataError as exc:
+        say(f"  teacher few-shot: data.train has no question/answer rows ({str(exc).splitlines()[0]}); set "
+            "data.fewshot_pool to a GSM8K-format file for the few-shot condition; teacher 0-shot only")
+        return []
+
+
+def setup(cfg: Config, *, run_dir: str | None = None, steps: list[int] | None = None,
+          say: Callable = print) -> EvalPlan:
     """Read the test split, find the runs and checkpoints, pick the engine; fail early with one line."""
     ev = cfg.eval
     runs = _runs(cfg, run_dir, list(steps if steps is not None else ev.steps))
     test = _read_split(cfg.data.test, "data.test", cfg, ev.max_samples)
-    pool: list[Sample] = []
-    if ev.teacher and cfg.data.num_fewshot > 0:
-        pool = _read_split(cfg.data.fewshot_pool or cfg.data.train, "data.fewshot_pool", cfg)
+    pool = _shot_pool(cfg, say) if ev.teacher and cfg.data.num_fewshot > 0 else []
     plan = EvalPlan(cfg=cfg, output_dir=runs[0].output_dir, backend=resolve_backend(ev.backend),
                     settings=GenerationSettings(ev.max_new_tokens, tuple(ev.stop_strings), ev.batch_size),
                     tokenizer=load_tokenizer(cfg.student.model), test=test, shot_pool=pool, runs=runs,
@@ -201,7 +218,7 @@ def evaluate_teacher(plan: EvalPlan, say: Callable) -> list[dict[str, Any]]:
     model.to(plan.device).eval()
     generator = _generator(plan, model, tokenizer, t.model)
     results = []
-    shot_counts = sorted({plan.cfg.data.num_fewshot, 0}, reverse=True)
+    shot_counts = sorted({plan.cfg.data.num_fewshot if plan.shot_pool else 0, 0}, reverse=True)
     try:
         for shots in shot_counts:
             started = time.perf_counter()
@@ -354,7 +371,7 @@ def evaluate(cfg: Config, *, run_dir: str | None = None, steps: list[int] | None
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    plan = setup(cfg, run_dir=run_dir, steps=steps)
+    plan = setup(cfg, run_dir=run_dir, steps=steps, say=echo)
     echo(f"evaluation: {len(plan.test)} test problems from {cfg.data.test}, generation with {plan.backend}")
     results = run(plan, echo)
     report = finish(plan, results)
