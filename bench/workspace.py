@@ -33,7 +33,7 @@ class BenchSettings:
     """Timed optimizer steps per repeat (after warmup_steps untimed ones)."""
     warmup_steps: int = 2
     top_ks: tuple[int, ...] = (16, 32, 64, 128)
-    cache_size_samples: int = 512
+    cache_size_samples: int = 256
     loader_batches: int = 20
     threads: int | None = None
     """torch CPU threads (and OMP_NUM_THREADS of the processes the benchmarks start); None: library default."""
