@@ -39,7 +39,10 @@ def run_benchmarks(settings: BenchSettings, only: tuple[str, ...] = (), echo: Ca
             continue
         echo(f"bench: {name} ...")
         started = time.perf_counter()
-        path = _runner(name)(settings).write(settings.out_dir)
+        result = _runner(name)(settings)
+        if settings.note:
+            result.notes.append(settings.note)
+        path = result.write(settings.out_dir)
         written[name] = str(path)
         echo(f"bench: {name} done in {time.perf_counter() - started:.0f} s -> {path}")
     return written
@@ -58,16 +61,17 @@ def _csv(value: str) -> tuple[str, ...]:
               help="Timed repeats per condition, after one warm-up.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads per process (default: the library's choice, all cores).")
+@click.option("--note", default=None, help="Text added to every result file's notes (e.g. machine was shared).")
 @click.option("--out", "out_dir", default="bench/results", show_default=True, help="Where <name>.json go.")
 @click.option("--work-dir", default="runs/bench", show_default=True, help="Scratch caches and runs.")
 @click.argument("overrides", nargs=-1)
-def main(config_name: str, only: tuple[str, ...], backends: str, repeats: int, threads: int | None, out_dir: str,
-         work_dir: str, overrides: tuple[str, ...]) -> None:
+def main(config_name: str, only: tuple[str, ...], backends: str, repeats: int, threads: int | None,
+         note: str | None, out_dir: str, work_dir: str, overrides: tuple[str, ...]) -> None:
     """Benchmarks: stage-one throughput, stage-two cost, online GKD, cache size, loader headroom."""
     from bench.report import markdown_table
 
     settings = BenchSettings(config_name=config_name, overrides=overrides, backends=_csv(backends),
-                             repeats=repeats, threads=threads, out_dir=out_dir, work_dir=work_dir)
+                             repeats=repeats, threads=threads, note=note, out_dir=out_dir, work_dir=work_dir)
     started = time.perf_counter()
     written = run_benchmarks(settings, only, echo=click.echo)
     click.echo(markdown_table({name: json.loads(open(path).read()) for name, path in written.items()}))

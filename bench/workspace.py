@@ -37,6 +37,8 @@ class BenchSettings:
     loader_batches: int = 20
     threads: int | None = None
     """torch CPU threads (and OMP_NUM_THREADS of the processes the benchmarks start); None: library default."""
+    note: str | None = None
+    """Free text added to every result file's notes (e.g. what else was running on the machine)."""
     isolate: bool = True
     """Run each training condition in a fresh process (its own peak memory); False for quick tests."""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -14,7 +14,7 @@ from bench.workspace import BenchSettings
 
 TINY = dict(overrides=("train.batch_size=8",), backends=("hf",), shots=(0, 2), stage_one_samples=8,
             cache_samples=40, cache_size_samples=16, top_ks=(4, 8), steps=2, warmup_steps=1, repeats=2,
-            loader_batches=2, isolate=False)
+            loader_batches=2, isolate=False, note="tiny test run")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,7 @@ def test_result_file_is_complete(tiny_results, name):
     assert {"torch", "transformers", "zarr"} <= set(result["libraries"])
     assert result["units"] and result["config"]["teacher"]["model"]
     assert result["settings"]["repeats"] == 2 and result["results"]
+    assert result["notes"][-1] == "tiny test run"
     assert all(math.isfinite(x) for x in _numbers(result["results"]))
 
 
