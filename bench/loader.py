@@ -63,7 +63,8 @@ def run_loader(settings: BenchSettings) -> BenchResult:
         "samples": ratio(results["loader"]["samples_per_s"]["median"], results["training"]["samples_per_s"]["median"]),
         "tokens": ratio(results["loader"]["tokens_per_s"]["median"], results["training"]["tokens_per_s"]["median"])}
     result = BenchResult("loader", config_record(train_cfg), settings.as_dict(), results=results,
-                         units={"samples_per_s": "samples per second", "tokens_per_s": "student tokens (non-pad) per second",
+                         units={"samples_per_s": "samples per second",
+                                "tokens_per_s": "student tokens (non-pad) per second",
                                 "batches_per_s": "batches per second",
                                 "headroom": "loader alone / training consumption (dimensionless, medians)"},
                          notes=[f"batch_size={train_cfg.train.batch_size}, {settings.loader_batches} batches per "

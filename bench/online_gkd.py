@@ -160,7 +160,8 @@ def run_online_gkd(settings: BenchSettings) -> BenchResult:
     summary["gkd_settings"] = dict(GKD_SETTINGS)
     summary["runs"] = runs
     result = BenchResult("online_gkd", config_record(bench_config(settings, *overrides)), settings.as_dict(),
-                         results=summary, units={**UNITS, "teacher_params": "parameters (student: without LoRA adapters)"},
+                         results=summary,
+                         units={**UNITS, "teacher_params": "parameters (student: without LoRA adapters)"},
                          notes=[f"TRL GKDTrainer, {GKD_SETTINGS}: off-policy forward KL over the full vocabulary "
                                 "with the teacher forward in every step; cached_kd = stage two from the "
                                 f"K={cfg.teacher.top_k} cache (forward KL, {cfg.train.topk_handling} handling).",

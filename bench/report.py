@@ -26,7 +26,8 @@ def stage_one_table(result: dict[str, Any]) -> list[str]:
         for shots, row in data["shots"].items():
             r = row["ratios"]
             lines.append(f"| {backend}, {shots}-shot | {row['mean_prompt_tokens']:.0f} | "
-                         f"{_pm(row['cache_teacher']['tokens_per_s'])} | {_pm(row['prompt_logprobs']['tokens_per_s'])} | "
+                         f"{_pm(row['cache_teacher']['tokens_per_s'])} | "
+                         f"{_pm(row['prompt_logprobs']['tokens_per_s'])} | "
                          f"{_pm(row['prefill']['tokens_per_s'])} | {_x(r['cache_teacher_over_prompt_logprobs'])} | "
                          f"{_x(r['cache_teacher_over_prefill'])} |")
     return lines
@@ -40,7 +41,8 @@ def training_table(stage_two: dict[str, Any] | None, online: dict[str, Any] | No
         step, rss = cond["step_time_s"]["median"], cond["peak_rss_mb"]["median"]
         lines.append(f"| {label} | {_pm(cond['step_time_s'], 1000, 1)} | {_pm(cond['peak_rss_mb'])} | "
                      f"{_pm(cond['peak_rss_over_imports_mb'])} | "
-                     f"{_x(step / base_step) if base_step else '1.00×'} | {_x(rss / base_rss) if base_rss else '1.00×'} |")
+                     f"{_x(step / base_step) if base_step else '1.00×'} | "
+                     f"{_x(rss / base_rss) if base_rss else '1.00×'} |")
 
     if stage_two:
         r = stage_two["results"]

@@ -61,10 +61,9 @@ def measure_condition(config_name: str, overrides: list[str], condition: str, wa
     """Train ``warmup + steps`` steps of one condition in this process; time the last ``steps``."""
     import torch
 
-    from stages.train_student import setup
-    from stages.train_metrics import PeakMemory
-
     from pipeline.config_loader import load_config
+    from stages.train_metrics import PeakMemory
+    from stages.train_student import setup
 
     rss_after_imports = rss_after_imports or current_rss()
     output_dir = tempfile.mkdtemp(prefix=f"bench-{condition}-")
