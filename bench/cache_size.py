@@ -1,0 +1,80 @@
+"""Cache size by K: bytes on disk per distilled token and per kept (id, logprob) entry, and the kept mass.
+
+One hf-scored cache per K in settings.top_ks over the same samples (the config's prompts and
+``cache.logprob_dtype``). Sizes are deterministic for given inputs, so there are no repeats; the cache build
+time is recorded for information only. The kept mass Σ_k exp(topk_logprob) per position is the share of the
+teacher's probability the top-K keeps (1 − kept mass is the tail bucket).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench.records import BenchResult
+from bench.workspace import BenchSettings, bench_config, config_record
+
+TOPK_ARRAYS = ("topk_ids", "topk_logprobs")
+
+
+def bytes_by_array(cache_path: str) -> dict[str, int]:
+    """Bytes of the files under every part's array folder, summed over parts by array name (plus metadata)."""
+    sizes: dict[str, int] = defaultdict(int)
+    root = Path(cache_path)
+    for path in root.rglob("*"):
+        if not path.is_file():
+            continue
+        parts = path.relative_to(root).parts
+        # parts/<part id>/<array>/... ; everything else (root and part metadata) is "metadata"
+        name = parts[2] if len(parts) > 3 and parts[0] == "parts" else "metadata"
+        sizes[name] += path.stat().st_size
+    return dict(sorted(sizes.items()))
+
+
+def measure_top_k(settings: BenchSettings, top_k: int) -> dict[str, Any]:
+    from cache_schema import open_cache
+    from stages.cache_teacher import cache_teacher
+
+    path = str(Path(settings.work_dir) / "cache_size" / f"k{top_k}")
+    cfg = bench_config(settings, "teacher.backend=hf", f"teacher.top_k={top_k}", f"cache.path={path}",
+                       f"data.max_samples={settings.cache_size_samples}")
+    started = time.perf_counter()
+    cache_teacher(cfg, workers=0, overwrite=True, progress=False, echo=lambda *_: None)
+    build_seconds = time.perf_counter() - started
+    stats = open_cache(path).stats()
+    arrays = bytes_by_array(path)
+    positions = stats["distilled_positions"]
+    total = sum(arrays.values())
+    topk_bytes = sum(arrays.get(name, 0) for name in TOPK_ARRAYS)
+    return {"top_k": top_k, "samples": stats["samples"], "distilled_positions": positions,
+            "student_tokens": stats["student_tokens"], "teacher_tokens": stats["teacher_tokens"],
+            "logprob_dtype": stats["logprob_dtype"], "bytes_on_disk": total,
+            "bytes_per_distilled_token": total / positions,
+            "bytes_per_student_token": total / stats["student_tokens"],
+            "topk_bytes_per_distilled_token": topk_bytes / positions,
+            "bytes_per_kept_entry": topk_bytes / (positions * top_k),
+            "bytes_per_kept_entry_all_arrays": total / (positions * top_k),
+            "bytes_by_array": arrays, "kept_mass": stats["kept_mass"], "build_seconds": round(build_seconds, 2)}
+
+
+def run_cache_size(settings: BenchSettings) -> BenchResult:
+    started = time.perf_counter()
+    cfg = bench_config(settings, "teacher.backend=hf")
+    result = BenchResult(
+        "cache_size", config_record(cfg), settings.as_dict(),
+        units={"bytes_per_distilled_token": "bytes on disk (all arrays and metadata) per distilled answer token",
+               "bytes_per_student_token": "bytes on disk per student input token (prompt + answer)",
+               "topk_bytes_per_distilled_token": "bytes of the topk_ids + topk_logprobs arrays per distilled token",
+               "bytes_per_kept_entry": "bytes of topk_ids + topk_logprobs per kept (id, logprob) entry",
+               "bytes_per_kept_entry_all_arrays": "bytes on disk per kept entry, everything included",
+               "bytes_by_array": "bytes on disk by array name, summed over parts",
+               "kept_mass": "Σ_k exp(topk logprob) per distilled position: min, percentiles, max, mean",
+               "build_seconds": "seconds to build the cache with the hf backend (information only)"},
+        notes=["Sizes are deterministic for given inputs: measured once per K (no repeats).",
+               f"Compressed Zarr v3 on local disk; logprob dtype {cfg.cache.logprob_dtype}; raw (uncompressed) "
+               "int32 id + fp16 logprob would be 6 bytes per entry."])
+    result.results = {str(k): measure_top_k(settings, k) for k in settings.top_ks}
+    result.seconds = round(time.perf_counter() - started, 1)
+    return result

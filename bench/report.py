@@ -1,0 +1,91 @@
+"""The summary table of a benchmark run (Markdown: printed by ``bench.run`` and pasted into the README)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pm(stats: dict[str, Any], scale: float = 1.0, digits: int = 0) -> str:
+    """'median ±spread%' of a spread() record."""
+    if not stats or stats.get("median") is None:
+        return "n/a"
+    spread = stats.get("rel_spread")
+    text = f"{stats['median'] * scale:,.{digits}f}"
+    return text + (f" ±{100 * spread:.0f}%" if spread is not None else "")
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def stage_one_table(result: dict[str, Any]) -> list[str]:
+    lines = ["| stage one: backend, shots | mean prompt tokens | cache-teacher tok/s | plain prompt_logprobs tok/s "
+             "| prefill-only tok/s | cache-teacher / plain | cache-teacher / prefill |",
+             "|---|---|---|---|---|---|---|"]
+    for backend, data in result["results"].items():
+        for shots, row in data["shots"].items():
+            r = row["ratios"]
+            lines.append(f"| {backend}, {shots}-shot | {row['mean_prompt_tokens']:.0f} | "
+                         f"{_pm(row['cache_teacher']['tokens_per_s'])} | "
+                         f"{_pm(row['prompt_logprobs']['tokens_per_s'])} | "
+                         f"{_pm(row['prefill']['tokens_per_s'])} | {_x(r['cache_teacher_over_prompt_logprobs'])} | "
+                         f"{_x(r['cache_teacher_over_prefill'])} |")
+    return lines
+
+
+def training_table(stage_two: dict[str, Any] | None, online: dict[str, Any] | None) -> list[str]:
+    lines = ["| stage two: condition | step time ms | peak RSS MiB | peak RSS over imports MiB | step time vs "
+             "cached KD | peak RSS vs cached KD |", "|---|---|---|---|---|---|"]
+
+    def row(label, cond, base_step=None, base_rss=None):
+        step, rss = cond["step_time_s"]["median"], cond["peak_rss_mb"]["median"]
+        lines.append(f"| {label} | {_pm(cond['step_time_s'], 1000, 1)} | {_pm(cond['peak_rss_mb'])} | "
+                     f"{_pm(cond['peak_rss_over_imports_mb'])} | "
+                     f"{_x(step / base_step) if base_step else '1.00×'} | "
+                     f"{_x(rss / base_rss) if base_rss else '1.00×'} |")
+
+    if stage_two:
+        r = stage_two["results"]
+        row("KD from the cache", r["kd"])
+        row("CE-only fine-tuning", r["ce"], r["kd"]["step_time_s"]["median"], r["kd"]["peak_rss_mb"]["median"])
+    if online:
+        r = online["results"]
+        kd = r["cached_kd"]
+        if not stage_two:
+            row("KD from the cache", kd)
+        row(f"online GKD (TRL, teacher {r['teacher_over_student_params']:.1f}× student)", r["online_gkd"],
+            kd["step_time_s"]["median"], kd["peak_rss_mb"]["median"])
+    return lines
+
+
+def cache_size_table(result: dict[str, Any]) -> list[str]:
+    lines = ["| cache: K | bytes / distilled token | top-K bytes / kept entry | kept mass median | p10 | p1 | min |",
+             "|---|---|---|---|---|---|---|"]
+    for k, r in result["results"].items():
+        m = r["kept_mass"]
+        lines.append(f"| {k} | {r['bytes_per_distilled_token']:.1f} | {r['bytes_per_kept_entry']:.2f} | "
+                     f"{m['median']:.4f} | {m['p10']:.4f} | {m['p1']:.4f} | {m['min']:.4f} |")
+    return lines
+
+
+def loader_table(result: dict[str, Any]) -> list[str]:
+    r = result["results"]
+    return ["| loader | samples/s | tokens/s |", "|---|---|---|",
+            f"| streaming loader alone | {_pm(r['loader']['samples_per_s'])} | {_pm(r['loader']['tokens_per_s'])} |",
+            f"| consumed by KD training | {_pm(r['training']['samples_per_s'])} | "
+            f"{_pm(r['training']['tokens_per_s'])} |",
+            f"| headroom (alone / consumed) | {_x(r['headroom']['samples'])} | {_x(r['headroom']['tokens'])} |"]
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown tables for whichever results are present (medians ± relative spread over repeats)."""
+    blocks = []
+    if "stage_one" in results:
+        blocks.append(stage_one_table(results["stage_one"]))
+    if "stage_two" in results or "online_gkd" in results:
+        blocks.append(training_table(results.get("stage_two"), results.get("online_gkd")))
+    if "cache_size" in results:
+        blocks.append(cache_size_table(results["cache_size"]))
+    if "loader" in results:
+        blocks.append(loader_table(results["loader"]))
+    return "\n\n".join("\n".join(block) for block in blocks)
