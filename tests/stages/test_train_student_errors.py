@@ -136,12 +136,14 @@ def test_cli_prints_one_line_and_exits_2(random_world, tmp_path, capsys):
 
 def test_partial_checkpoint_from_a_killed_save_is_ignored_and_removed(random_world, tmp_path):
     out = tmp_path / "run"
-    ts.train_student(world_config(random_world, out, "train.max_steps=4", "train.save_every=2"), progress=False,
+    ts.train_student(world_config(random_world, out, "train.max_steps=4", "train.save_every=2",
+                                  "train.keep_checkpoints=2"), progress=False,
                      echo=quiet)
     # a save killed before its rename: only a .tmp- directory exists for step 6
     shutil.copytree(out / "checkpoints/step-000004", out / "checkpoints/.tmp-step-000006")
     (out / "checkpoints/.tmp-step-000006/trainer_state.json").unlink()
-    summary = ts.train_student(world_config(random_world, out, "train.max_steps=6", "train.save_every=2"),
+    summary = ts.train_student(world_config(random_world, out, "train.max_steps=6", "train.save_every=2",
+                                            "train.keep_checkpoints=2"),
                                resume=True, progress=False, echo=quiet)
     assert summary["start_step"] == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
