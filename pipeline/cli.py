@@ -116,6 +116,16 @@ def run_all_command(config_name: str, workers: int, overwrite: bool, resume: boo
     run_all(cfg, workers=workers, overwrite=overwrite, resume=resume, progress=progress, echo=click.echo)
 
 
+@cli.command("export")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="A finished stage-two run directory (train.output_dir) of a quantized student.mode.")
+def export_command(run_dir: str) -> None:
+    """Convert a quantized student (int4 via torchao, ternary as packed 2-bit) and report sizes on disk."""
+    from stages.quantized_export import export_run
+
+    export_run(run_dir, echo=click.echo)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the group, turning user errors into one line and exit code 2."""
     user_errors = _user_error_types()

@@ -34,9 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchao.prototype.quantized_training.bitnet import get_bitnet_scale, quantize_bitnet_weight
-from torchao.prototype.quantized_training.int8 import quantize_int8_rowwise
-
 SUBLN_PROJECTIONS = ("o_proj", "down_proj")
 """Linears whose input gets SubLN (Qwen/Llama/Gemma names of the attention output and MLP down projection)."""
 ACTIVATION_EPS = 1e-5  # torchao's BitNet forward uses this floor for the per-token scale
@@ -50,6 +47,9 @@ SETTINGS_FILE = "ternary.json"
 
 def ternary_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
     """weight [out, in] -> (codes [out, in] int8 in {−1, 0, 1}, Δ scalar fp32 = mean|weight|)."""
+    # torchao imported on first use: importing it costs seconds and prints library warnings on CPU builds.
+    from torchao.prototype.quantized_training.bitnet import get_bitnet_scale, quantize_bitnet_weight
+
     scale = get_bitnet_scale(weight)
     return quantize_bitnet_weight(weight, scale), scale
 
@@ -62,6 +62,8 @@ def ternary_weight(weight: Tensor) -> Tensor:
 
 def int8_per_token(x: Tensor) -> Tensor:
     """x [..., H] -> x fake-quantized to int8 per row (absmax / 127), dequantized, in x's dtype."""
+    from torchao.prototype.quantized_training.int8 import quantize_int8_rowwise
+
     rows = x.reshape(-1, x.shape[-1])
     codes, row_scale = quantize_int8_rowwise(rows.detach(), eps=ACTIVATION_EPS)
     return (codes.float() * row_scale.float()[:, None]).to(x.dtype).reshape(x.shape)
