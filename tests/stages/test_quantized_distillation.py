@@ -18,10 +18,11 @@ from stages.train_student import train_student
 from tests.stages.train_helpers import quiet, train_records
 
 RELATIONS = ["teacher.attention.enabled=true", "teacher.attention.num_heads=4", "teacher.attention.layer=-1"]
-STAGE_ONE = ["teacher.backend=hf", "data.max_samples=48", "cache.shard_size=24", "teacher.top_k=8", *RELATIONS]
-SHORT = ["train.max_steps=24", "train.batch_size=8", "train.warmup_steps=2", "train.num_validation_samples=8",
-         "train.eval_every=24", "train.save_every=24", "train.log_every=4", "student.lora.r=8",
-         "student.lora.alpha=16"]
+STAGE_ONE = ["teacher.backend=hf", "data.max_samples=96", "cache.shard_size=48", "teacher.top_k=8", *RELATIONS]
+# 20 steps of 8 samples: two passes over the 80 training samples (fewer samples overfit within 24 steps:
+# the held-out KL then rises while the training loss falls).
+SHORT = ["train.max_steps=20", "train.batch_size=8", "train.warmup_steps=2", "train.num_validation_samples=16",
+         "train.eval_every=20", "train.save_every=20", "train.log_every=4"]
 LR = {"qat_int4": "1e-3", "qat_int4_lora": "3e-3", "ternary": "1e-3"}
 
 
@@ -45,7 +46,7 @@ def test_short_distillation_lowers_held_out_kl_and_export_matches(relations_cach
     summary = train_student(_config(relations_cache, tmp_path / "run", f"student.mode={mode}",
                                     f"train.lr={LR[mode]}", *extra), progress=False, echo=quiet)
     first, last = summary["first_validation_kl"], summary["last_validation_kl"]
-    print(f"\n{mode}: held-out KL {first:.4f} → {last:.4f} in 24 steps")
+    print(f"\n{mode}: held-out KL {first:.4f} → {last:.4f} in 20 steps")
     assert last < 0.97 * first
 
     assert main(["export", "--run", str(tmp_path / "run")]) == 0
