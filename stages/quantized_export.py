@@ -85,7 +85,8 @@ def load_int4(directory: str | Path) -> nn.Module:
     quant = _quant_config(directory)
     quantize_int4(quantize_int4(lm, quant, "prepare"), quant, "convert")  # the quantized tensors' layout
     lm.load_state_dict(torch.load(directory / INT4_FILE, weights_only=True), assign=True)
-    lm.tie_weights()
+    if not quant.lm_head:  # a quantized lm_head is no longer the (float) input embedding: never re-tie it
+        lm.tie_weights()
     return lm.eval()
 
 

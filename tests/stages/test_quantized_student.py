@@ -111,17 +111,32 @@ def test_qat_int4_lora_freezes_the_fake_quantized_base_and_trains_adapters():
     assert sum(float(p.grad.abs().sum()) for n, p in lora.items() if "lora_B" in n) > 0
 
 
-def test_int4_convert_matches_fake_quantized_logits():
+def test_int4_convert_matches_fake_quantized_logits(tmp_path):
     """torchao's convert (IntxWeightOnly / Int8DynamicActivationIntx, the CPU-capable configs) computes the
-    same logits as the fake-quantized training forward: measured max |Δ| = 0 here; tolerance 1e-4."""
-    for activations in ("none", "int8"):
-        model = _student("qat_int4", activations=activations).eval()
+    same logits as the fake-quantized training forward, also after saving and :func:`load_int4`: measured
+    max |Δ| = 0 here; tolerance 1e-4."""
+    import json
+
+    from stages.quantized_export import INT4_FILE, load_int4
+    from stages.quantized_student import QUANT_SETTINGS_FILE
+
+    for activations, lm_head in (("none", False), ("int8", True)):
+        quant = QuantConfig(activations=activations, lm_head=lm_head)
+        model = _student("qat_int4", activations=activations, lm_head=lm_head).eval()
         with torch.no_grad():
             fake = model(_tokens()).logits
-            quantize_int4(model, QuantConfig(activations=activations), "convert")
+            quantize_int4(model, quant, "convert")
             assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
             converted = model(_tokens()).logits
+            directory = tmp_path / activations
+            directory.mkdir()
+            model.config.save_pretrained(directory)
+            (directory / QUANT_SETTINGS_FILE).write_text(json.dumps({"group_size": 32, "activations": activations,
+                                                                   "lm_head": lm_head, "subln": True}))
+            torch.save(model.state_dict(), directory / INT4_FILE)
+            reloaded = load_int4(directory)(_tokens()).logits
         torch.testing.assert_close(converted, fake, rtol=0, atol=1e-4)
+        torch.testing.assert_close(reloaded, fake, rtol=0, atol=1e-4)
 
 
 # -------------------------------------------------------------------------------------------------- ternary
