@@ -153,6 +153,16 @@ def eval_command(config_name: str, run_dir: str | None, steps: list[int] | None,
     evaluate(cfg, run_dir=run_dir, steps=steps, echo=click.echo)
 
 
+@cli.command("export")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="A finished stage-two run directory (train.output_dir) of a quantized student.mode.")
+def export_command(run_dir: str) -> None:
+    """Convert a quantized student (int4 via torchao, ternary as packed 2-bit) and report sizes on disk."""
+    from stages.quantized_export import export_run
+
+    export_run(run_dir, echo=click.echo)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the group, turning user errors into one line and exit code 2."""
     user_errors = _user_error_types()

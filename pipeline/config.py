@@ -21,7 +21,7 @@ from omegaconf import MISSING
 from pipeline.errors import ConfigError
 
 TEACHER_BACKENDS = ("vllm", "hf")
-STUDENT_MODES = ("lora", "full")
+STUDENT_MODES = ("lora", "full", "qat_int4", "qat_int4_lora", "ternary")
 STUDENT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -36,6 +36,7 @@ ANSWER_FALLBACKS = ("last_number", "none")
 DATA_FORMATS = ("gsm8k", "alpaca", "sharegpt", "openai", "text", "tokenized", "auto")
 DOCUMENT_FORMATS = ("text", "tokenized")
 MIXTURE_UNITS = ("samples", "tokens")
+QAT_ACTIVATIONS = ("none", "int8")
 
 
 @dataclass
@@ -97,13 +98,30 @@ class LoraConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Quantized students (``student.mode`` qat_int4, qat_int4_lora, ternary)."""
+
+    group_size: int = 32
+    """qat_int4: weights per int4 scale (symmetric, per group along the input dimension)."""
+    activations: str = "none"
+    """qat_int4 / qat_int4_lora: ``none`` (weight-only int4) or ``int8`` (dynamic per-token int8 activations,
+    torchao's Int8DynamicActivationIntxWeightConfig)."""
+    lm_head: bool = False
+    """qat_int4 / qat_int4_lora: also fake-quantize the lm_head (the input embedding always stays full
+    precision; with tied embeddings this quantizes the shared matrix on the output side only)."""
+    subln: bool = True
+    """ternary: an extra RMSNorm before the attention output and MLP down projections (BitDistill's SubLN)."""
+
+
+@dataclass
 class StudentConfig:
     """The student model and how it is trained."""
 
     model: str = MISSING
     """HF hub id or local directory of the student's initial weights."""
     mode: str = "lora"
-    """``lora`` (adapters on a frozen base) or ``full`` (every weight trains). Quantized modes come later."""
+    """``lora`` (adapters on a frozen base), ``full`` (every weight trains), or a quantized mode: ``qat_int4``,
+    ``qat_int4_lora``, ``ternary`` (see ``student.quant``)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings (used when mode is ``lora``)."""
     gradient_checkpointing: bool = False
@@ -113,6 +131,12 @@ class StudentConfig:
     GPUs with bf16), or an explicit dtype. Trainable weights of a bf16/fp16 base stay float32 (peft)."""
     save_merged: bool = True
     """``lora``: also write the adapter merged into the base (``final/merged``), loadable without peft (vLLM)."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """Settings of the quantized modes (qat_int4: torchao QAT; qat_int4_lora: LoRA on a frozen fake-quantized
+    base; ternary: BitNet b1.58 linears)."""
+    relation_layer: int = -1
+    """Student layer whose q/k/v projections give the attention relations matched to the teacher's
+    (train.attention_weight > 0; negative counts from the last layer)."""
 
 
 @dataclass
@@ -239,6 +263,9 @@ class TrainConfig:
     """Train-time reweighting of the cache's sources without re-caching: a source's samples are drawn
     ``weight`` times as often as cached (0 drops the source; unlisted sources keep 1). When set, each epoch
     draws as many samples as the training split holds, with replacement, by these weights."""
+    attention_weight: float = 0.0
+    """γ: weight of the attention-relation distillation term (MiniLMv2 / BitDistill); needs a cache with
+    relations (teacher.attention.enabled, hf backend). 0: off."""
 
 
 @dataclass
@@ -329,6 +356,7 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     _positive(s.lora.r, source, "student.lora.r")
     _positive(s.lora.alpha, source, "student.lora.alpha")
     _check(0 <= s.lora.dropout < 1, source, "student.lora.dropout", "must be in [0, 1)")
+    _validate_quant(cfg, source)
     _positive(d.num_fewshot, source, "data.num_fewshot", allow_zero=True)
     _positive(d.max_seq_len, source, "data.max_seq_len")
     if d.max_samples is not None:
@@ -408,3 +436,15 @@ def _validate_eval(ev: EvalConfig, source: str) -> None:
         _positive(step, source, "eval.steps")
     _one_of(ev.baseline, EVAL_BASELINES, source, "eval.baseline")
     _one_of(ev.answer_fallback, ANSWER_FALLBACKS, source, "eval.answer_fallback")
+
+
+def _validate_quant(cfg: Config, source: str) -> None:
+    """student.quant and the attention-relation term."""
+    q, tr = cfg.student.quant, cfg.train
+    _positive(q.group_size, source, "student.quant.group_size")
+    _one_of(q.activations, QAT_ACTIVATIONS, source, "student.quant.activations")
+    _positive(tr.attention_weight, source, "train.attention_weight", allow_zero=True)
+    if tr.attention_weight > 0:
+        _check(cfg.teacher.attention.enabled, source, "train.attention_weight",
+               "the attention-relation term needs cached relations; set teacher.attention.enabled=true "
+               "(teacher.backend=hf) or train.attention_weight=0")

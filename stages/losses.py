@@ -49,6 +49,9 @@ class StudentGather:
     """[N, K] logits (after the soft-cap, if any) at the top-K ids (for ``mse_topk``)."""
     temperature: float = 1.0
     """The τ used for ``topk_logprobs``; :func:`distillation_loss` refuses a different one."""
+    relations: list[Tensor] | None = None
+    """Per batch row [3, A_r, n_i, n_i]: the student's attention relations over its distilled tokens (only
+    when the attention-relation term is on; see :func:`attention_relation_loss`)."""
 
 
 def _chunk_logprobs(hidden: Tensor, topk_ids: Tensor, label_ids: Tensor, *, lm_head: Callable[[Tensor], Tensor],
@@ -276,6 +279,8 @@ class LossParts:
     """Averaged KD term, including the τ² factor when it applies."""
     ce: Tensor | None
     """Averaged cross-entropy on the actual tokens (τ=1)."""
+    attention: Tensor | None = None
+    """Attention-relation term (:func:`attention_relation_loss`, unweighted) when the caller adds one."""
 
 
 def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
@@ -347,3 +352,39 @@ def distillation_loss(gather: StudentGather, teacher_topk_logprobs: Tensor, *, k
         terms.append(ce_weight * ce)
     total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     return LossParts(total, kd, ce)
+
+
+# ---------------------------------------------------------------------------------------- attention relations
+
+def relation_kl(student_relations: Tensor, teacher_relations: Tensor) -> Tensor:
+    """student, teacher [3, A_r, n, n] relation softmaxes (rows sum to 1) of one sample -> scalar.
+
+    MiniLMv2's relation loss: Σ over the three relation types (Q-Q, K-K, V-V) of the mean over relation heads
+    and rows of KL(teacher row ‖ student row). Teacher rows are renormalized (fp16 storage leaves row sums
+    1 ± 1e-2) and 0·log 0 counts as 0; student probabilities are floored at the smallest normal number before
+    the log (a softmax row underflowing to 0 would otherwise give inf). n = 0 gives 0.
+    """
+    if student_relations.shape != teacher_relations.shape or student_relations.dim() != 4 \
+            or student_relations.shape[-1] != student_relations.shape[-2]:
+        raise ValueError(f"student and teacher relations must both be [3, A_r, n, n], got "
+                         f"{tuple(student_relations.shape)} and {tuple(teacher_relations.shape)}")
+    student = student_relations.to(torch.promote_types(student_relations.dtype, torch.float32))
+    teacher = teacher_relations.to(student.dtype)
+    if student.shape[-1] == 0:
+        return student.sum()  # 0 with a gradient path
+    teacher = teacher / teacher.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(teacher.dtype).tiny)
+    log_student = student.clamp(min=torch.finfo(student.dtype).tiny).log()
+    row_kl = (torch.xlogy(teacher, teacher) - teacher * log_student).sum(dim=-1)  # [3, A_r, n]
+    return row_kl.mean(dim=(1, 2)).sum()
+
+
+def attention_relation_loss(student_relations: list[Tensor], teacher_relations: list[Tensor]) -> Tensor:
+    """Per-sample lists of [3, A_r, n_i, n_i] -> scalar: :func:`relation_kl` averaged over the samples, each
+    weighted by its n_i (its share of the batch's distilled positions, like the logit term). All n_i = 0: 0."""
+    if len(student_relations) != len(teacher_relations) or not student_relations:
+        raise ValueError(f"need one student and one teacher relation tensor per sample, got "
+                         f"{len(student_relations)} and {len(teacher_relations)}")
+    sizes = [s.shape[-1] for s in student_relations]
+    total = sum(sizes)
+    terms = [relation_kl(s, t) * n for s, t, n in zip(student_relations, teacher_relations, sizes)]
+    return torch.stack(terms).sum() / max(total, 1)

@@ -13,6 +13,8 @@ hidden states [B, T, H], keeps only the N rows that predict a distilled token, a
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,10 +138,16 @@ class DistillStudent(nn.Module):
     autocast) see every forward: DDP only syncs gradients of parameters used inside its own forward call.
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int):
+    def __init__(self, model: nn.Module, *, chunk_size: int, relation_layer: int | None = None,
+                 relation_heads: int = 0):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.relation_layer = relation_layer
+        """Layer whose q/k/v give the student's attention relations (None: no relations computed)."""
+        self.relation_heads = relation_heads
+        if relation_layer is not None:
+            student_projection_modules(causal_lm_of(model), relation_layer, relation_heads)  # fail early
         config = causal_lm_of(model).config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         # Gemma-2-style final logit soft-capping is part of the model's distribution; keep it.
@@ -151,13 +159,52 @@ class DistillStudent(nn.Module):
 
         The token at position p is predicted by the hidden state at p - 1 (p >= 1 in every cache).
         """
+        from stages.teacher.relations import capture_projections
+
         lm = causal_lm_of(self.model)
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state  # [B, T, H]
+        with_relations = self.relation_layer is not None
+        capture = capture_projections(student_projection_modules(lm, self.relation_layer, self.relation_heads)) \
+            if with_relations else nullcontext({})
+        with capture as captured:
+            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                      use_cache=False).last_hidden_state  # [B, T, H]
         rows = hidden[row_index, label_positions - 1]  # [N, H]
-        return student_logprobs_at(rows, lm.get_output_embeddings(), topk_ids, label_ids,
-                                   temperature=temperature, chunk_size=self.chunk_size,
-                                   logit_softcap=self.logit_softcap)
+        gather = student_logprobs_at(rows, lm.get_output_embeddings(), topk_ids, label_ids,
+                                     temperature=temperature, chunk_size=self.chunk_size,
+                                     logit_softcap=self.logit_softcap)
+        if with_relations:
+            gather = replace(gather, relations=self._relations(captured, row_index, label_positions,
+                                                               input_ids.shape[0]))
+        return gather
+
+    def _relations(self, captured: dict[str, Tensor], row_index: Tensor, label_positions: Tensor,
+                   batch_size: int) -> list[Tensor]:
+        """Per row [3, A_r, n_i, n_i] over the distilled tokens themselves (positions p, as the teacher's
+        relations are over its tokens at tp), from the q/k/v outputs [B, T, width] captured in forward."""
+        from stages.teacher.relations import relation_matrices
+
+        out = []
+        for row in range(batch_size):
+            positions = label_positions[row_index == row]  # [n_i], the cache's order
+            q, k, v = (captured[name][row, positions] for name in ("q_proj", "k_proj", "v_proj"))
+            out.append(relation_matrices(q, k, v, self.relation_heads))
+        return out
+
+
+def student_projection_modules(lm: nn.Module, layer: int, num_heads: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(q_proj, k_proj, v_proj) of the student's relation layer, or a UserError naming the student's keys."""
+    from stages.teacher.relations import decoder_layers, projection_modules
+    from stages.teacher.scoring import TeacherConfigError
+
+    count = len(decoder_layers(lm))
+    if not -count <= layer < count:
+        raise UserError(f"student.relation_layer={layer} is out of range for a student with {count} layers; "
+                        f"use -{count}..{count - 1}")
+    try:
+        return projection_modules(lm, layer, num_heads)
+    except TeacherConfigError as exc:
+        raise UserError(f"student.relation_layer={layer} with teacher.attention.num_heads={num_heads}: "
+                        f"{str(exc).splitlines()[0]}") from None
 
 
 # --------------------------------------------------------------------------------------- trainable state
@@ -235,3 +282,10 @@ def export_final(model: nn.Module, tokenizer, cfg: StudentConfig, final_dir: Pat
     shutil.rmtree(final_dir, ignore_errors=True)
     staging.rename(final_dir)
     return {key: str(final_dir / Path(path).name) for key, path in paths.items()}
+
+
+# The quantized modes live in their own module; it imports nothing from here at import time.
+from stages.quantized_student import QUANTIZED_EXPORTS, QUANTIZED_SETUPS  # noqa: E402
+
+MODE_SETUPS.update(QUANTIZED_SETUPS)
+MODE_EXPORTS.update(QUANTIZED_EXPORTS)

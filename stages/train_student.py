@@ -28,7 +28,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +38,7 @@ from cache_schema import CacheError, open_cache, tokenizer_fingerprint
 from pipeline.config import Config
 from pipeline.errors import UserError
 from stages import checkpoints as ckpt
-from stages.losses import distillation_loss, kept_mass_kl
+from stages.losses import attention_relation_loss, distillation_loss, kept_mass_kl
 from stages.student_data import (CacheMismatch, CacheStream, check_student_compatible, iterate_once,
                                  source_sample_weights, split_indices)
 from stages.student_model import (DistillStudent, build_student, export_final, load_tokenizer,
@@ -111,6 +111,23 @@ def _check_tokenizer(cfg: Config, cache) -> Any:
     except CacheMismatch as exc:
         raise UserError(f"student.model={cfg.student.model!r}: {str(exc).splitlines()[0]}") from None
     return tokenizer
+
+
+def _check_relations(cfg: Config, cache) -> tuple[int, int] | None:
+    """(student layer, relation heads) when the attention-relation term is on, after checking that the cache's
+    relations were made at the configured teacher layer with the configured head count; else None."""
+    if cfg.train.attention_weight <= 0:
+        return None
+    recorded = cache.meta.get("relations")
+    wanted = cfg.teacher.attention
+    if not recorded:
+        raise UserError(f"train.attention_weight={cfg.train.attention_weight}: the cache at {cfg.cache.path} holds "
+                        "no attention relations; rebuild it with teacher.attention.enabled=true (hf backend)")
+    if (int(recorded["layer"]), int(recorded["num_relation_heads"])) != (wanted.layer, wanted.num_heads):
+        raise UserError(f"teacher.attention.layer={wanted.layer}, num_heads={wanted.num_heads}: the cache's "
+                        f"relations were made at layer {recorded['layer']} with {recorded['num_relation_heads']} "
+                        "heads; set those values or rebuild the cache")
+    return cfg.student.relation_layer, wanted.num_heads
 
 
 def _use_cpu() -> bool:
@@ -197,6 +214,7 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
 
     cache = open_student_cache(cfg.cache.path)
     tokenizer = _check_tokenizer(cfg, cache)
+    relations = _check_relations(cfg, cache)
     cpu = _use_cpu()
     accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg.train.mixed_precision, cpu))
     if not accelerator.is_main_process:
@@ -208,7 +226,9 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
 
     set_seed(cfg.seed)  # same LoRA init on every process and every run of this config
     model, _ = build_student(cfg.student, accelerator.device.type)
-    module = DistillStudent(model, chunk_size=cfg.train.logprob_chunk)
+    module = DistillStudent(model, chunk_size=cfg.train.logprob_chunk,
+                            relation_layer=relations[0] if relations else None,
+                            relation_heads=relations[1] if relations else 0)
     optimizer, scheduler = _optimizer(module, cfg)
     module, optimizer = accelerator.prepare(module, optimizer)
     # Not prepared: accelerate would step a prepared scheduler once per process per optimizer step.
@@ -264,10 +284,14 @@ def _forward(module, batch, temperature: float):
 
 def _loss(cfg: Config, gather, batch):
     tr = cfg.train
-    return distillation_loss(gather, batch.topk_logprobs, kind=tr.kd_kind, handling=tr.topk_handling,
-                             beta=tr.jsd_beta, temperature=tr.temperature,
-                             temperature_squared=tr.temperature_squared, kd_weight=tr.kd_weight,
-                             ce_weight=tr.ce_weight)
+    parts = distillation_loss(gather, batch.topk_logprobs, kind=tr.kd_kind, handling=tr.topk_handling,
+                              beta=tr.jsd_beta, temperature=tr.temperature,
+                              temperature_squared=tr.temperature_squared, kd_weight=tr.kd_weight,
+                              ce_weight=tr.ce_weight)
+    if tr.attention_weight > 0:  # γ · L_AD (BitDistill)
+        attention = attention_relation_loss(gather.relations, batch.relations)
+        parts = replace(parts, total=parts.total + tr.attention_weight * attention, attention=attention)
+    return parts
 
 
 def _value(term) -> float:
@@ -281,7 +305,7 @@ def train_step(plan: StageTwoPlan, step: int) -> dict[str, float]:
     counts = torch.tensor([float(b.num_positions) for b in batches], device=acc.device)  # [A] local N per micro
     global_positions = acc.reduce(counts.sum().clone(), reduction="sum").item()
     scale = acc.num_processes / max(global_positions, 1.0)
-    sums = torch.zeros(5, dtype=torch.float64, device=acc.device)  # Σ N·total, Σ N·kd, Σ N·ce, N, tokens
+    sums = torch.zeros(6, dtype=torch.float64, device=acc.device)  # Σ N·total, Σ N·kd, Σ N·ce, N, tokens, Σ N·att
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         with nullcontext() if last else acc.no_sync(plan.model):
@@ -289,7 +313,8 @@ def train_step(plan: StageTwoPlan, step: int) -> dict[str, float]:
             acc.backward(parts.total * (batch.num_positions * scale))
         n = float(batch.num_positions)
         sums += torch.tensor([_value(parts.total) * n, _value(parts.kd) * n, _value(parts.ce) * n, n,
-                              float(batch.num_tokens)], dtype=torch.float64, device=acc.device)
+                              float(batch.num_tokens), _value(parts.attention) * n], dtype=torch.float64,
+                             device=acc.device)
     sums = acc.reduce(sums, reduction="sum")
     n = max(float(sums[3]), 1.0)
     loss = float(sums[0]) / n
@@ -303,8 +328,11 @@ def train_step(plan: StageTwoPlan, step: int) -> dict[str, float]:
     plan.optimizer.step()
     plan.scheduler.step()
     plan.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "kd": float(sums[1]) / n, "ce": float(sums[2]) / n, "lr": lr, "grad_norm": grad_norm,
-            "positions": float(sums[3]), "tokens": float(sums[4])}
+    numbers = {"loss": loss, "kd": float(sums[1]) / n, "ce": float(sums[2]) / n, "lr": lr,
+               "grad_norm": grad_norm, "positions": float(sums[3]), "tokens": float(sums[4])}
+    if cfg.train.attention_weight > 0:
+        numbers["attention"] = float(sums[5]) / n
+    return numbers
 
 
 def _diverged(plan: StageTwoPlan, step: int, what: str) -> None:
@@ -320,7 +348,7 @@ def validate(plan: StageTwoPlan) -> dict[str, float]:
     acc, cfg = plan.accelerator, plan.cfg
     module = acc.unwrap_model(plan.model)
     module.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # Σ ce, Σ kd, Σ kl, N
+    sums = torch.zeros(5, dtype=torch.float64, device=acc.device)  # Σ ce, Σ kd, Σ kl, N, Σ N·attention
     tau = cfg.train.temperature
     with acc.autocast():
         for batch in iterate_once(plan.cache, plan.val_indices, cfg.train.batch_size, plan.pad_id):
@@ -333,13 +361,19 @@ def validate(plan: StageTwoPlan) -> dict[str, float]:
                                    ce_weight=0.0).kd
             n = float(batch.num_positions)
             kl = kept_mass_kl(at_one.topk_logprobs.float(), batch.topk_logprobs.float())  # [N]
+            attention = attention_relation_loss(at_one.relations, batch.relations) \
+                if at_one.relations is not None and batch.relations is not None else None
             sums += torch.tensor([float(-at_one.label_logprobs.double().sum()), float(kd) * n,
-                                  float(kl.double().sum()), n], dtype=torch.float64, device=acc.device)
+                                  float(kl.double().sum()), n, _value(attention) * n], dtype=torch.float64,
+                                 device=acc.device)
     module.train()
     sums = acc.reduce(sums, reduction="sum")
     n = max(float(sums[3]), 1.0)
-    return {"ce": float(sums[0]) / n, "kd": float(sums[1]) / n, "kl_kept_mass": float(sums[2]) / n,
-            "positions": float(sums[3])}
+    numbers = {"ce": float(sums[0]) / n, "kd": float(sums[1]) / n, "kl_kept_mass": float(sums[2]) / n,
+               "positions": float(sums[3])}
+    if module.relation_layer is not None:
+        numbers["attention"] = float(sums[4]) / n
+    return numbers
 
 
 @dataclass

@@ -110,3 +110,7 @@ def train_records(output_dir: Path, split: str = "train") -> dict[int, dict]:
     from stages.train_metrics import read_metrics
 
     return {r["step"]: r for r in read_metrics(output_dir) if r["split"] == split}
+
+
+DISTILL_STAGE_ONE = ["teacher.backend=hf", "data.max_samples=400", "cache.shard_size=100", "teacher.top_k=16"]
+"""Stage one of the session's 400-sample distillation cache (fixture ``distill_cache`` in tests/stages/conftest.py)."""

@@ -1,0 +1,160 @@
+"""Quantized training modes of the student: ``qat_int4``, ``qat_int4_lora`` (torchao QAT) and ``ternary``.
+
+Registered into :data:`stages.student_model.MODE_SETUPS` / ``MODE_EXPORTS`` (see the bottom of that module).
+
+INT4 QAT follows torchao's two-step flow: ``quantize_(model, QATConfig(base, step="prepare"))`` swaps the
+decoder's linears for ``FakeQuantizedLinear`` (fake-quantized forward, straight-through backward into the
+latent fp32 weights); after training, ``step="convert"`` (in :mod:`stages.quantized_export`) turns them into
+real int4 weights. The base config is ``IntxWeightOnlyConfig(weight_dtype=torch.int4, PerGroup(g))`` or, with
+int8 activations, ``Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, PerGroup(g))``: both
+convert and run on CPU. ``Int4WeightOnlyConfig`` is not used: its convert needs CUDA kernels (torchao 0.18
+on CPU raises "Requires mslk"), and the fake quantization of both is the same symmetric int4 grid per group.
+
+``qat_int4_lora``: the base linears are fake-quantized and frozen, peft LoRA adapters train on top
+(torchtune's QAT-LoRA), so the forward is fq(W)·x + B·A·x. Export merges first (W + BA) and then quantizes:
+q(W + BA) differs from fq(W) + BA, and :mod:`stages.quantized_export` measures that gap.
+
+The final directory keeps the latent (unquantized, fp32 as trained) weights plus ``quantization.json``; the
+conversion is ``pipeline export --run DIR``. Ternary students are saved in :mod:`stages.ternary`'s format
+(SubLN adds modules a stock HF model does not have).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import QuantConfig, StudentConfig
+from pipeline.errors import UserError
+from stages import ternary
+
+QUANT_SETTINGS_FILE = "quantization.json"
+
+
+# ------------------------------------------------------------------------------------------------ torchao
+
+
+def int4_base_config(quant: QuantConfig):
+    """The torchao PTQ config whose fake quantization QAT trains with and whose convert the export runs."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    if quant.activations == "int8":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                     weight_granularity=PerGroup(quant.group_size))
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(quant.group_size))
+
+
+def int4_targets(lm: nn.Module, quant: QuantConfig) -> list[str]:
+    """Qualified names of the linears that get int4 weights: the decoder's, plus the lm_head if asked."""
+    decoder_prefix = next(name for name, module in lm.named_modules() if module is lm.get_decoder())
+    names = [name for name, module in lm.named_modules()
+             if isinstance(module, nn.Linear) and name.startswith(decoder_prefix + ".layers.")]
+    if quant.lm_head:
+        names += [name for name, module in lm.named_modules() if module is lm.get_output_embeddings()]
+    for name in names:
+        width = lm.get_submodule(name).in_features
+        if width % quant.group_size:
+            raise UserError(f"student.quant.group_size={quant.group_size} does not divide the input width {width} "
+                            f"of {name}; pick a divisor of it")
+    return names
+
+
+def quantize_int4(lm: nn.Module, quant: QuantConfig, step: str) -> nn.Module:
+    """torchao QAT ``step`` ("prepare" | "convert") on :func:`int4_targets`, in place. Returns lm."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    targets = set(int4_targets(lm, quant))
+    quantize_(lm, QATConfig(int4_base_config(quant), step=step), filter_fn=lambda _m, fqn: fqn in targets)
+    return lm
+
+
+def strip_fake_quant(model: nn.Module) -> nn.Module:
+    """Swap every FakeQuantizedLinear back to a plain nn.Linear with the same (latent) weights, in place."""
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FakeQuantizedLinear):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module.to_linear())
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- setups
+
+
+def _setup_qat_int4(lm: nn.Module, cfg: StudentConfig) -> nn.Module:
+    quantize_int4(lm, cfg.quant, "prepare")
+    lm.requires_grad_(True)
+    return lm
+
+
+def _setup_qat_int4_lora(lm: nn.Module, cfg: StudentConfig) -> nn.Module:
+    from stages.student_model import MODE_SETUPS
+
+    quantize_int4(lm, cfg.quant, "prepare")  # FakeQuantizedLinear is an nn.Linear: peft wraps it as one
+    return MODE_SETUPS["lora"](lm, cfg)  # freezes the base, adds trainable adapters
+
+
+def _setup_ternary(lm: nn.Module, cfg: StudentConfig) -> nn.Module:
+    ternary.convert_to_ternary(lm, subln=cfg.quant.subln)
+    lm.requires_grad_(True)
+    return lm
+
+
+# ------------------------------------------------------------------------------------------------ exports
+
+
+def _write_settings(directory: Path, cfg: StudentConfig) -> None:
+    settings = {"mode": cfg.mode, "group_size": cfg.quant.group_size, "activations": cfg.quant.activations,
+                "lm_head": cfg.quant.lm_head, "subln": cfg.quant.subln, "base_model": cfg.model}
+    (directory / QUANT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _save_latent_hf(lm: nn.Module, tokenizer, directory: Path, cfg: StudentConfig) -> None:
+    """HF format, latent weights in the training dtype (casting first could move weights across int4 bins)."""
+    strip_fake_quant(lm)
+    lm.config.use_cache = True
+    lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    _write_settings(directory, cfg)
+
+
+def _export_qat_int4(model: nn.Module, tokenizer, cfg: StudentConfig, directory: Path) -> dict[str, str]:
+    paths = {"model": str(directory / "model")}
+    _save_latent_hf(model, tokenizer, Path(paths["model"]), cfg)
+    return paths
+
+
+def _export_qat_int4_lora(model: nn.Module, tokenizer, cfg: StudentConfig, directory: Path) -> dict[str, str]:
+    paths = {"adapter": str(directory / "adapter"), "model": str(directory / "merged")}
+    model.save_pretrained(paths["adapter"])
+    tokenizer.save_pretrained(paths["adapter"])
+    _write_settings(Path(paths["adapter"]), cfg)
+    merged = model.merge_and_unload()  # W + BA in the (still fake-quantized) base linears, fp32
+    _save_latent_hf(merged, tokenizer, Path(paths["model"]), cfg)
+    return paths
+
+
+def _export_ternary(model: nn.Module, tokenizer, cfg: StudentConfig, directory: Path) -> dict[str, str]:
+    paths = {"ternary": str(directory / "ternary")}
+    ternary.save_latent(model, tokenizer, Path(paths["ternary"]), subln=cfg.quant.subln)
+    _write_settings(Path(paths["ternary"]), cfg)
+    return paths
+
+
+QUANTIZED_SETUPS: dict[str, Any] = {
+    "qat_int4": _setup_qat_int4,
+    "qat_int4_lora": _setup_qat_int4_lora,
+    "ternary": _setup_ternary,
+}
+QUANTIZED_EXPORTS: dict[str, Any] = {
+    "qat_int4": _export_qat_int4,
+    "qat_int4_lora": _export_qat_int4_lora,
+    "ternary": _export_ternary,
+}
