@@ -107,8 +107,13 @@ class QuantConfig:
     """qat_int4 / qat_int4_lora: ``none`` (weight-only int4) or ``int8`` (dynamic per-token int8 activations,
     torchao's Int8DynamicActivationIntxWeightConfig)."""
     lm_head: bool = False
-    """qat_int4 / qat_int4_lora: also fake-quantize the lm_head (the input embedding always stays full
-    precision; with tied embeddings this quantizes the shared matrix on the output side only)."""
+    """qat_int4 / qat_int4_lora: also fake-quantize the lm_head (the input embedding is ``embedding``'s; with
+    tied embeddings this quantizes the shared matrix on the output side only)."""
+    embedding: bool = False
+    """qat_int4 / qat_int4_lora: also fake-quantize the input embedding (weight-only int4, a scale per ``group_size``
+    values along the embedding dim, whatever ``activations`` is; frozen in qat_int4_lora). With tied embeddings
+    each side reads the one shared latent matrix through its own quantizer, so ``lm_head=false`` keeps a full
+    precision output side, and ``pipeline export`` unties them (an int4 embedding plus the lm_head as set)."""
     subln: bool = True
     """ternary: an extra RMSNorm before the attention output and MLP down projections (BitDistill's SubLN)."""
 
@@ -443,6 +448,9 @@ def _validate_quant(cfg: Config, source: str) -> None:
     q, tr = cfg.student.quant, cfg.train
     _positive(q.group_size, source, "student.quant.group_size")
     _one_of(q.activations, QAT_ACTIVATIONS, source, "student.quant.activations")
+    _check(not q.embedding or cfg.student.mode in ("qat_int4", "qat_int4_lora"), source, "student.quant.embedding",
+           f"student.mode={cfg.student.mode} does not quantize the embedding; set student.quant.embedding=false "
+           "or student.mode=qat_int4 / qat_int4_lora")
     _positive(tr.attention_weight, source, "train.attention_weight", allow_zero=True)
     if tr.attention_weight > 0:
         _check(cfg.teacher.attention.enabled, source, "train.attention_weight",

@@ -73,7 +73,8 @@ def _quant_config(directory: Path):
 
     settings = json.loads((directory / QUANT_SETTINGS_FILE).read_text())
     return QuantConfig(group_size=settings["group_size"], activations=settings["activations"],
-                       lm_head=settings["lm_head"], subln=settings["subln"])
+                       lm_head=settings["lm_head"], subln=settings["subln"],
+                       embedding=settings.get("embedding", False))  # runs from before the key: float embedding
 
 
 def load_int4(directory: str | Path) -> nn.Module:
@@ -85,7 +86,7 @@ def load_int4(directory: str | Path) -> nn.Module:
     quant = _quant_config(directory)
     quantize_int4(quantize_int4(lm, quant, "prepare"), quant, "convert")  # the quantized tensors' layout
     lm.load_state_dict(torch.load(directory / INT4_FILE, weights_only=True), assign=True)
-    if not quant.lm_head:  # a quantized lm_head is no longer the (float) input embedding: never re-tie it
+    if not (quant.lm_head or quant.embedding):  # a quantized side no longer shares the matrix: never re-tie
         lm.tie_weights()
     return lm.eval()
 

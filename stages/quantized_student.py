@@ -10,6 +10,15 @@ int8 activations, ``Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int
 convert and run on CPU. ``Int4WeightOnlyConfig`` is not used: its convert needs CUDA kernels (torchao 0.18
 on CPU raises "Requires mslk"), and the fake quantization of both is the same symmetric int4 grid per group.
 
+``quant.embedding``: a second ``quantize_`` swaps the input embedding for torchao's ``FakeQuantizedEmbedding``
+(always weight-only ``IntxWeightOnlyConfig``: torchao has no activation fake quantization for embeddings).
+Tied embeddings (embed_tokens.weight IS lm_head.weight) stay tied while training: each module fake-quantizes
+the shared latent matrix in its own forward, never in place, so the lm_head computes with what ``lm_head``
+says whatever ``embedding`` is, and the shared matrix learns from both sides through the straight-through
+estimator. ``convert`` gives each quantized module its own weight, i.e. unties them on purpose (what torchao /
+ExecuTorch do for tied models: int4 embedding lookup, lm_head as set), which keeps the converted logits equal
+to the trained ones for every combination; the price is a second copy of the matrix on disk.
+
 ``qat_int4_lora``: the base linears are fake-quantized and frozen, peft LoRA adapters train on top
 (torchtune's QAT-LoRA), so the forward is fq(W)·x + B·A·x. Export merges first (W + BA) and then quantizes:
 q(W + BA) differs from fq(W) + BA, and :mod:`stages.quantized_export` measures that gap.
@@ -49,6 +58,26 @@ def int4_base_config(quant: QuantConfig):
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(quant.group_size))
 
 
+def int4_embedding_config(quant: QuantConfig):
+    """The torchao config of the input embedding: weight-only int4 per group along the embedding dim."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(quant.group_size))
+
+
+def int4_embedding_target(lm: nn.Module, quant: QuantConfig) -> list[str]:
+    """The input embedding's qualified name if ``quant.embedding`` (else nothing); checks the group size."""
+    if not quant.embedding:
+        return []
+    embedding = lm.get_input_embeddings()
+    name = next(name for name, module in lm.named_modules() if module is embedding)
+    if embedding.embedding_dim % quant.group_size:
+        raise UserError(f"student.quant.group_size={quant.group_size} does not divide the embedding width "
+                        f"{embedding.embedding_dim} of {name}; pick a divisor of it or student.quant.embedding=false")
+    return [name]
+
+
 def int4_targets(lm: nn.Module, quant: QuantConfig) -> list[str]:
     """Qualified names of the linears that get int4 weights: the decoder's, plus the lm_head if asked."""
     decoder_prefix = next(name for name, module in lm.named_modules() if module is lm.get_decoder())
@@ -65,23 +94,30 @@ def int4_targets(lm: nn.Module, quant: QuantConfig) -> list[str]:
 
 
 def quantize_int4(lm: nn.Module, quant: QuantConfig, step: str) -> nn.Module:
-    """torchao QAT ``step`` ("prepare" | "convert") on :func:`int4_targets`, in place. Returns lm."""
+    """torchao QAT ``step`` ("prepare" | "convert") on :func:`int4_targets` and, if asked, the input embedding
+    (:func:`int4_embedding_target`), in place. Returns lm."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
     targets = set(int4_targets(lm, quant))
+    embedding = set(int4_embedding_target(lm, quant))
     quantize_(lm, QATConfig(int4_base_config(quant), step=step), filter_fn=lambda _m, fqn: fqn in targets)
+    if embedding:  # its own config: the linears' one may carry int8 activations, which embeddings cannot take
+        quantize_(lm, QATConfig(int4_embedding_config(quant), step=step), filter_fn=lambda _m, fqn: fqn in embedding)
     return lm
 
 
 def strip_fake_quant(model: nn.Module) -> nn.Module:
-    """Swap every FakeQuantizedLinear back to a plain nn.Linear with the same (latent) weights, in place."""
+    """Swap every FakeQuantizedLinear / FakeQuantizedEmbedding back to a plain nn.Linear / nn.Embedding with
+    the same (latent) weight Parameter, in place (so tied embeddings stay tied)."""
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, FakeQuantizedLinear):
+        if isinstance(module, (FakeQuantizedLinear, FakeQuantizedEmbedding)):
+            plain = module.to_linear() if isinstance(module, FakeQuantizedLinear) else module.to_embedding()
             parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module.to_linear())
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, plain)
     return model
 
 
@@ -112,7 +148,8 @@ def _setup_ternary(lm: nn.Module, cfg: StudentConfig) -> nn.Module:
 
 def _write_settings(directory: Path, cfg: StudentConfig) -> None:
     settings = {"mode": cfg.mode, "group_size": cfg.quant.group_size, "activations": cfg.quant.activations,
-                "lm_head": cfg.quant.lm_head, "subln": cfg.quant.subln, "base_model": cfg.model}
+                "lm_head": cfg.quant.lm_head, "embedding": cfg.quant.embedding, "subln": cfg.quant.subln,
+                "base_model": cfg.model}
     (directory / QUANT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 

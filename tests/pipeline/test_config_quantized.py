@@ -21,6 +21,17 @@ def test_quantized_settings_are_validated(overrides, key):
         load_config("tiny", overrides)
 
 
+@pytest.mark.parametrize("mode", ["lora", "full", "ternary"])
+def test_embedding_quantization_is_refused_where_the_mode_would_ignore_it(mode):
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", [f"student.mode={mode}", "student.quant.embedding=true"])
+    message = str(error.value)
+    assert "\n" not in message and f"student.quant.embedding: student.mode={mode} does not quantize" in message
+    assert "set student.quant.embedding=false" in message
+    for mode in ("qat_int4", "qat_int4_lora"):
+        assert load_config("tiny", [f"student.mode={mode}", "student.quant.embedding=true"]).student.quant.embedding
+
+
 def test_bitdistill_configs_follow_the_paper_numbers():
     cfg = load_config("bitdistill.yaml")
     assert (cfg.student.mode, cfg.train.temperature, cfg.train.kd_weight, cfg.train.ce_weight) == \
@@ -31,3 +42,4 @@ def test_bitdistill_configs_follow_the_paper_numbers():
     assert (tiny.train.temperature, tiny.train.kd_weight) == (5.0, 10.0)  # inherited
     int4 = load_config("int4_qat.yaml")
     assert (int4.student.mode, int4.train.kd_kind, int4.student.quant.group_size) == ("qat_int4_lora", "forward_kl", 32)
+    assert int4.student.quant.embedding is False and int4.student.quant.lm_head is False

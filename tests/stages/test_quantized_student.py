@@ -3,6 +3,8 @@ gradients, the 2-bit packing, and exported models against the fake-quantized one
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,23 +122,97 @@ def test_int4_convert_matches_fake_quantized_logits(tmp_path):
     from stages.quantized_export import INT4_FILE, load_int4
     from stages.quantized_student import QUANT_SETTINGS_FILE
 
-    for activations, lm_head in (("none", False), ("int8", True)):
-        quant = QuantConfig(activations=activations, lm_head=lm_head)
-        model = _student("qat_int4", activations=activations, lm_head=lm_head).eval()
+    # embedding=None: a quantization.json from before the key existed (read as a float embedding)
+    for activations, lm_head, embedding in (("none", False, None), ("int8", True, None), ("none", False, True),
+                                            ("int8", True, True), ("none", True, False)):
+        quant = QuantConfig(activations=activations, lm_head=lm_head, embedding=bool(embedding))
+        model = _student("qat_int4", activations=activations, lm_head=lm_head, embedding=bool(embedding)).eval()
         with torch.no_grad():
             fake = model(_tokens()).logits
             quantize_int4(model, quant, "convert")
             assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+            quantized = {"embedding": type(model.model.embed_tokens.weight).__name__ == "IntxUnpackedToInt8Tensor",
+                         "lm_head": type(model.lm_head.weight).__name__ == "IntxUnpackedToInt8Tensor"}
+            assert quantized == {"embedding": bool(embedding), "lm_head": lm_head}
             converted = model(_tokens()).logits
-            directory = tmp_path / activations
+            directory = tmp_path / f"{activations}-{lm_head}-{embedding}"
             directory.mkdir()
             model.config.save_pretrained(directory)
-            (directory / QUANT_SETTINGS_FILE).write_text(json.dumps({"group_size": 32, "activations": activations,
-                                                                   "lm_head": lm_head, "subln": True}))
+            settings = {"group_size": 32, "activations": activations, "lm_head": lm_head, "subln": True}
+            if embedding is not None:
+                settings["embedding"] = embedding
+            (directory / QUANT_SETTINGS_FILE).write_text(json.dumps(settings))
             torch.save(model.state_dict(), directory / INT4_FILE)
-            reloaded = load_int4(directory)(_tokens()).logits
+            reloaded_model = load_int4(directory)
+            reloaded = reloaded_model(_tokens()).logits
+            # the float side of a half-quantized tied pair must not be re-tied to the quantized one
+            tied = reloaded_model.lm_head.weight is reloaded_model.model.embed_tokens.weight
+            assert tied == (not lm_head and not embedding)
         torch.testing.assert_close(converted, fake, rtol=0, atol=1e-4)
         torch.testing.assert_close(reloaded, fake, rtol=0, atol=1e-4)
+
+
+def _fake_quantized_embedding(model: nn.Module) -> nn.Module:
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+
+    (embedding,) = [m for m in model.modules() if isinstance(m, FakeQuantizedEmbedding)]
+    return embedding
+
+
+def test_qat_int4_embedding_lookup_uses_int4_weights_and_leaves_the_tied_lm_head_alone():
+    """The tiny student ties embed_tokens.weight to lm_head.weight: quant.embedding fake-quantizes the lookup
+    only, the float lm_head still computes with the shared latent matrix, which learns from both sides."""
+    model = _student("qat_int4", embedding=True)
+    embedding, lm_head = _fake_quantized_embedding(model), model.lm_head
+    assert embedding is model.model.embed_tokens and "lm_head" not in _fake_quantized(model)
+    assert embedding.weight is lm_head.weight  # still one Parameter while training
+    w = embedding.weight.detach()
+    fq = embedding.weight_fake_quantizer(w)
+    _int4_grid_check(w, fq, 32)
+    ids = _tokens()
+    torch.testing.assert_close(embedding(ids), fq[ids], rtol=0, atol=0)
+    assert not torch.allclose(embedding(ids), w[ids], atol=1e-4)
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(lm_head(x), F.linear(x, w), rtol=0, atol=0)  # unchanged output side
+    g = torch.randn(*ids.shape, 128)
+    embedding(ids).backward(g)  # straight through the rounding into the latent rows that were looked up
+    straight = torch.zeros_like(w).index_add_(0, ids.reshape(-1), g.reshape(-1, 128))
+    ratio = (w.reshape(w.shape[0], -1, 32) / (w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 7.5))
+    inside = ratio.reshape(w.shape).abs() < 7.4  # away from the clamped group maximum (see the linear test)
+    torch.testing.assert_close(embedding.weight.grad[inside], straight[inside], rtol=1e-5, atol=1e-5)
+
+    both = _student("qat_int4", embedding=True, lm_head=True)  # both sides of the tie on the same grid
+    head = _fake_quantized(both)["lm_head"]
+    torch.testing.assert_close(head.weight_fake_quantizer(head.weight), fq, rtol=0, atol=0)
+
+
+def test_qat_int4_lora_keeps_the_fake_quantized_embedding_frozen_and_strip_restores_it():
+    from stages.quantized_student import strip_fake_quant
+
+    model = _student("qat_int4_lora", embedding=True, activations="int8")
+    embedding = _fake_quantized_embedding(model)
+    assert not embedding.weight.requires_grad
+    assert not hasattr(embedding, "activation_fake_quantizer")  # weight-only whatever the linears do
+    _int4_grid_check(embedding.weight.detach(), embedding.weight_fake_quantizer(embedding.weight.detach()), 32)
+    lm = strip_fake_quant(model.merge_and_unload())
+    assert type(lm.model.embed_tokens) is nn.Embedding and not _fake_quantized(lm)
+    assert lm.model.embed_tokens.weight is lm.lm_head.weight  # the latent model saves tied, as it loaded
+
+
+def test_quant_settings_record_the_embedding_flag_and_old_runs_read_as_false(tmp_path):
+    import json
+
+    from stages.quantized_export import _quant_config
+    from stages.quantized_student import QUANT_SETTINGS_FILE, _write_settings
+
+    cfg = StudentConfig(model=STUDENT, mode="qat_int4", quant=QuantConfig(embedding=True, lm_head=True))
+    _write_settings(tmp_path, cfg)
+    assert json.loads((tmp_path / QUANT_SETTINGS_FILE).read_text())["embedding"] is True
+    assert _quant_config(tmp_path) == cfg.quant
+    old = json.loads((tmp_path / QUANT_SETTINGS_FILE).read_text())
+    del old["embedding"]
+    (tmp_path / QUANT_SETTINGS_FILE).write_text(json.dumps(old))
+    assert _quant_config(tmp_path).embedding is False
 
 
 # -------------------------------------------------------------------------------------------------- ternary
@@ -204,3 +280,33 @@ def test_packed_ternary_export_matches_the_training_forward(tmp_path):
     packed_bytes = (tmp_path / str(torch.bfloat16) / ternary.PACKED_FILE).stat().st_size
     latent_bytes = (tmp_path / "latent" / ternary.LATENT_FILE).stat().st_size
     assert packed_bytes < latent_bytes / 6  # 2-bit linears + bf16 rest vs fp32 everything
+
+
+def test_pipeline_export_of_an_embedding_quantized_run_matches_its_training_forward(tiny_hf_cache, tmp_path, capsys):
+    """Two training steps (qat_int4, quant.embedding=true, tied float lm_head), then ``pipeline export``: the
+    settings travel through quantization.json, and the int4 model load_int4 rebuilds computes what the
+    fake-quantized training forward did (measured max |Δlogit| = 0; tolerance 1e-4 as above)."""
+    import json
+
+    from pipeline.cli import main
+    from stages.quantized_export import EXPORT_DIR, EXPORT_SUMMARY, load_int4
+    from stages.quantized_student import QUANT_SETTINGS_FILE
+    from stages.train_student import train_student
+    from tests.stages.stage_helpers import tiny_config
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tmp_path, f"cache.path={tiny_hf_cache.cache.path}", "student.mode=qat_int4",
+                      "student.quant.embedding=true", "train.max_steps=2", "train.batch_size=4", "train.lr=1e-3",
+                      "train.warmup_steps=0", "train.num_validation_samples=8", "train.eval_every=2",
+                      "train.save_every=2", "train.log_every=1")
+    train_student(cfg, progress=False, echo=lambda *_: None)
+    assert main(["export", "--run", str(run)]) == 0
+    capsys.readouterr()
+    report = json.loads((run / EXPORT_DIR / EXPORT_SUMMARY).read_text())
+    print(f"\nembedding=true export: {report['comparison']}, bytes {report['bytes']}")
+    assert report["comparison"]["samples"] == 8 and report["comparison"]["max_abs_logit_diff"] <= 1e-4
+    exported = Path(report["exported"])
+    assert json.loads((exported / QUANT_SETTINGS_FILE).read_text())["embedding"] is True
+    lm = load_int4(exported)
+    assert type(lm.model.embed_tokens.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert lm.lm_head.weight.dtype == torch.float32 and type(lm.lm_head.weight) is nn.Parameter
