@@ -21,7 +21,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.records import BenchResult, ratio
+from bench.records import BenchResult, training_cost_ratios
 from bench.stage_two import MIB, UNITS, condition_summary, current_rss, interleaved_conditions
 from bench.workspace import BenchSettings, bench_config, config_record, training_cache
 
@@ -150,13 +150,7 @@ def run_online_gkd(settings: BenchSettings) -> BenchResult:
     teacher_params, student_params = runs["gkd"][0]["teacher_params"], runs["gkd"][0]["student_params"]
     summary["teacher_params"], summary["student_params"] = teacher_params, student_params
     summary["teacher_over_student_params"] = teacher_params / student_params
-    summary["ratios"] = {
-        "online_over_cached_step_time": ratio(med["online_gkd"]["step_time_s"], med["cached_kd"]["step_time_s"]),
-        "online_over_cached_peak_rss": ratio(med["online_gkd"]["peak_rss_mb"], med["cached_kd"]["peak_rss_mb"]),
-        "online_over_cached_peak_rss_over_imports": ratio(med["online_gkd"]["peak_rss_over_imports_mb"],
-                                                          med["cached_kd"]["peak_rss_over_imports_mb"]),
-        "online_over_cached_cuda_max_allocated": ratio(med["online_gkd"]["cuda_max_allocated_mb"],
-                                                       med["cached_kd"]["cuda_max_allocated_mb"])}
+    summary["ratios"] = training_cost_ratios("online_over_cached", med["online_gkd"], med["cached_kd"])
     summary["gkd_settings"] = dict(GKD_SETTINGS)
     summary["runs"] = runs
     result = BenchResult("online_gkd", config_record(bench_config(settings, *overrides)), settings.as_dict(),

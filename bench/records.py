@@ -66,6 +66,17 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+# (ratio name, per-condition median key) of the training benchmarks' cost comparisons
+TRAINING_COST_KEYS = (("step_time", "step_time_s"), ("peak_rss", "peak_rss_mb"),
+                      ("peak_rss_over_imports", "peak_rss_over_imports_mb"),
+                      ("cuda_max_allocated", "cuda_max_allocated_mb"))
+
+
+def training_cost_ratios(prefix: str, numerator: dict[str, Any], denominator: dict[str, Any]) -> dict[str, Any]:
+    """``{prefix}_step_time`` etc.: one training condition's medians over another's (None where missing)."""
+    return {f"{prefix}_{name}": ratio(numerator[key], denominator[key]) for name, key in TRAINING_COST_KEYS}
+
+
 @dataclass
 class BenchResult:
     """One benchmark's output file."""

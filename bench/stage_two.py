@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any, Callable
 
-from bench.records import BenchResult, ratio, spread
+from bench.records import BenchResult, spread, training_cost_ratios
 from bench.workspace import BenchSettings, bench_config, config_record, training_cache
 
 CONDITION_OVERRIDES = {"kd": ("train.kd_weight=1.0", "train.ce_weight=0.0"),
@@ -158,13 +158,7 @@ def run_stage_two(settings: BenchSettings) -> BenchResult:
                                   settings.config_name, overrides)
     summary = {name: condition_summary(r) for name, r in runs.items()}
     med = {name: {k: v["median"] for k, v in s.items()} for name, s in summary.items()}
-    summary["ratios"] = {
-        "kd_over_ce_step_time": ratio(med["kd"]["step_time_s"], med["ce"]["step_time_s"]),
-        "kd_over_ce_peak_rss": ratio(med["kd"]["peak_rss_mb"], med["ce"]["peak_rss_mb"]),
-        "kd_over_ce_peak_rss_over_imports": ratio(med["kd"]["peak_rss_over_imports_mb"],
-                                                  med["ce"]["peak_rss_over_imports_mb"]),
-        "kd_over_ce_cuda_max_allocated": ratio(med["kd"]["cuda_max_allocated_mb"],
-                                               med["ce"]["cuda_max_allocated_mb"])}
+    summary["ratios"] = training_cost_ratios("kd_over_ce", med["kd"], med["ce"])
     summary["runs"] = runs
     result = BenchResult("stage_two", config_record(bench_config(settings, *overrides)), settings.as_dict(),
                          results=summary, units=UNITS,
