@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 from bench.records import BenchResult, training_cost_ratios
-from bench.stage_two import MIB, UNITS, condition_summary, current_rss, interleaved_conditions
-from bench.workspace import BenchSettings, bench_config, config_record, training_cache
+from bench.stage_two import MIB, UNITS, condition_summary, current_rss, medians, training_conditions
+from bench.workspace import BenchSettings, bench_config, config_record
 
 GKD_SETTINGS = {"lmbda": 0.0, "beta": 0.0, "temperature": 1.0, "seq_kd": False}
 
@@ -140,13 +140,10 @@ def measure_gkd(config_name: str, overrides: list[str], condition: str, warmup: 
 
 def run_online_gkd(settings: BenchSettings) -> BenchResult:
     started = time.perf_counter()
-    cfg, cache_path = training_cache(settings)
-    overrides = [*settings.overrides, "teacher.backend=hf", f"cache.path={cache_path}"]
-    runs = interleaved_conditions(settings, {"kd": ("bench.stage_two", "measure_condition"),
-                                             "gkd": ("bench.online_gkd", "measure_gkd")},
-                                  settings.config_name, overrides)
+    cfg, overrides, runs = training_conditions(settings, {"kd": ("bench.stage_two", "measure_condition"),
+                                                          "gkd": ("bench.online_gkd", "measure_gkd")})
     summary: dict[str, Any] = {"cached_kd": condition_summary(runs["kd"]), "online_gkd": condition_summary(runs["gkd"])}
-    med = {name: {k: v["median"] for k, v in s.items()} for name, s in summary.items()}
+    med = medians(summary)
     teacher_params, student_params = runs["gkd"][0]["teacher_params"], runs["gkd"][0]["student_params"]
     summary["teacher_params"], summary["student_params"] = teacher_params, student_params
     summary["teacher_over_student_params"] = teacher_params / student_params

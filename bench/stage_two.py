@@ -149,15 +149,24 @@ UNITS = {"step_time_s": "seconds per optimizer step (median of the timed steps o
          "ratios": "medians divided (dimensionless)"}
 
 
-def run_stage_two(settings: BenchSettings) -> BenchResult:
-    started = time.perf_counter()
+def training_conditions(settings: BenchSettings, conditions: dict[str, tuple[str, str]]):
+    """(config, overrides pointing at the shared training cache, each condition's interleaved runs)."""
     cfg, cache_path = training_cache(settings)
     overrides = [*settings.overrides, "teacher.backend=hf", f"cache.path={cache_path}"]
-    runs = interleaved_conditions(settings, {"kd": ("bench.stage_two", "measure_condition"),
-                                             "ce": ("bench.stage_two", "measure_condition")},
-                                  settings.config_name, overrides)
+    return cfg, overrides, interleaved_conditions(settings, conditions, settings.config_name, overrides)
+
+
+def medians(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """condition -> figure -> median, from :func:`condition_summary` outputs."""
+    return {name: {key: value["median"] for key, value in figures.items()} for name, figures in summary.items()}
+
+
+def run_stage_two(settings: BenchSettings) -> BenchResult:
+    started = time.perf_counter()
+    cfg, overrides, runs = training_conditions(settings, {"kd": ("bench.stage_two", "measure_condition"),
+                                                          "ce": ("bench.stage_two", "measure_condition")})
     summary = {name: condition_summary(r) for name, r in runs.items()}
-    med = {name: {k: v["median"] for k, v in s.items()} for name, s in summary.items()}
+    med = medians(summary)
     summary["ratios"] = training_cost_ratios("kd_over_ce", med["kd"], med["ce"])
     summary["runs"] = runs
     result = BenchResult("stage_two", config_record(bench_config(settings, *overrides)), settings.as_dict(),
