@@ -406,7 +406,7 @@ def _run_validation(plan: StageTwoPlan, log: MetricsLog, result: RunResult, step
 
 def run(plan: StageTwoPlan, *, progress: bool = True) -> RunResult:
     """The training loop from plan.start_step to train.max_steps, with logging, validation and checkpoints."""
-    cfg, tr = plan.cfg, plan.cfg.train
+    tr = plan.cfg.train
     result = RunResult(peak=PeakMemory())
     log = MetricsLog(plan.output_dir, enabled=plan.accelerator.is_main_process, progress=progress,
                      start_step=plan.start_step, max_steps=tr.max_steps)
