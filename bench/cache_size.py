@@ -34,7 +34,7 @@ def bytes_by_array(cache_path: str) -> dict[str, int]:
 
 
 def measure_top_k(settings: BenchSettings, top_k: int) -> dict[str, Any]:
-    from cache_schema import open_cache
+    from cache_schema import cache_stats, open_cache
     from stages.cache_teacher import cache_teacher
 
     path = str(Path(settings.work_dir) / "cache_size" / f"k{top_k}")
@@ -43,7 +43,7 @@ def measure_top_k(settings: BenchSettings, top_k: int) -> dict[str, Any]:
     started = time.perf_counter()
     cache_teacher(cfg, workers=0, overwrite=True, progress=False, echo=lambda *_: None)
     build_seconds = time.perf_counter() - started
-    stats = open_cache(path).stats()
+    stats = cache_stats(open_cache(path))
     arrays = bytes_by_array(path)
     positions = stats["distilled_positions"]
     total = sum(arrays.values())

@@ -1,8 +1,8 @@
 """Loader headroom: what the streaming cache loader delivers alone, over what stage-two training consumes.
 
 Interleaved per repeat, in this process, on the same cache and batch size: (a) a fresh
-:class:`stages.student_data.CacheStream` drained for ``loader_batches`` batches by
-:func:`stages.student_data.measure_loader` (one untimed warm-up batch); (b) ``loader_batches`` KD training
+:class:`kd.training.loader.CacheStream` drained for ``loader_batches`` batches by
+:func:`kd.training.loader.measure_loader` (one untimed warm-up batch); (b) ``loader_batches`` KD training
 steps of stage two (after ``warmup_steps`` untimed ones, once), whose samples and tokens per second are what
 training consumes. Headroom = (a) / (b): above 1 the loader is not the bottleneck (with one core for it).
 """
@@ -15,13 +15,14 @@ import time
 from typing import Any
 
 from bench.records import BenchResult, ratio, spread
-from bench.stage_two import training_overrides, time_training_steps
+from bench.stage_two import time_training_steps, training_overrides
 from bench.workspace import BenchSettings, bench_config, config_record, training_cache
 
 
 def _loader_once(cache_path: str, cfg, pad_id: int, batches: int) -> dict[str, float]:
     from cache_schema import open_cache
-    from stages.student_data import CacheStream, measure_loader, split_indices
+    from kd.training.loader import CacheStream, measure_loader
+    from kd.training.training_data import split_indices
 
     cache = open_cache(cache_path)
     train_idx, _ = split_indices(len(cache), cfg.train.num_validation_samples, cfg.seed)

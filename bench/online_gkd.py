@@ -1,7 +1,7 @@
 """Online distillation (teacher in the loop) with TRL's GKDTrainer vs distilling from the cache.
 
 Same teacher (the config's teacher.model, loaded by transformers), same student (built by stage two's own
-:func:`stages.student_model.build_student`, so the same student.mode / LoRA), same token sequences (the
+:func:`kd.student.model.build_student`, so the same student.mode / LoRA), same token sequences (the
 cache's student inputs; labels are the cached answer positions), same batch size, learning rate and steps.
 GKD settings: ``lmbda=0`` (off-policy: never generates from the student), ``beta=0`` (TRL's generalized JSD
 is then the forward KL(teacher ‖ student) over the full vocabulary — the divergence the cache's forward-KL
@@ -38,11 +38,12 @@ def _dataset(cache_path: str, num_validation: int, seed: int):
     from datasets import Dataset
 
     from cache_schema import open_cache
-    from stages.student_data import read_samples, split_indices
+    from kd.training.loader import read_cache_samples
+    from kd.training.training_data import split_indices
 
     cache = open_cache(cache_path)
     train_idx, _ = split_indices(len(cache), num_validation, seed)
-    samples = read_samples(cache, [int(i) for i in train_idx])
+    samples = read_cache_samples(cache, [int(i) for i in train_idx])
     return Dataset.from_dict({"input_ids": [s["input_ids"].tolist() for s in samples],
                               "label_positions": [s["label_positions"].tolist() for s in samples]})
 
@@ -97,9 +98,10 @@ def measure_gkd(config_name: str, overrides: list[str], condition: str, warmup: 
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
+    from kd.student.modes import build_student
+    from kd.tokenizer import pad_token_id
+    from kd.training.metrics import PeakMemory
     from pipeline.config_loader import load_config
-    from stages.student_model import build_student
-    from stages.train_metrics import PeakMemory
 
     rss_after_imports = rss_after_imports or current_rss()
     cfg = load_config(config_name, [*overrides, "train.num_validation_samples=0"])  # all samples, as stage two's
@@ -110,7 +112,7 @@ def measure_gkd(config_name: str, overrides: list[str], condition: str, warmup: 
         student, tokenizer = build_student(cfg.student, "cuda" if cuda else "cpu")
         teacher_dtype = torch.bfloat16 if cuda else torch.float32  # what the hf teacher backend runs
         teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=teacher_dtype)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        pad_id = pad_token_id(tokenizer)
         args = GKDConfig(output_dir=output_dir, per_device_train_batch_size=tr.batch_size,
                          max_steps=warmup + steps, learning_rate=tr.lr, warmup_steps=tr.warmup_steps,
                          lr_scheduler_type="cosine", weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,

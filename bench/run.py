@@ -81,7 +81,7 @@ def main(config_name: str, only: tuple[str, ...], backends: str, repeats: int, t
 def entry(argv: list[str] | None = None) -> int:
     """Run :func:`main`; user errors (config, data, cache) become one ``error:`` line and exit code 2."""
     from cache_schema import CacheError
-    from pipeline.errors import UserError
+    from kd.errors import UserError
 
     try:
         main.main(args=argv, prog_name="bench", standalone_mode=False)

@@ -51,7 +51,7 @@ def _run_pipeline(plan) -> None:
                          vocab_size=plan.vocab_size, overwrite=True, logprob_dtype=plan.cfg.cache.logprob_dtype)
     with writer:
         for part_id, shard in enumerate(plan.shards):
-            score_shard(plan.settings, path, part_id, shard)
+            score_shard(plan.cfg.teacher, plan.cfg.seed, path, part_id, shard)
         writer.finalize()
 
 
@@ -79,11 +79,11 @@ class _HFLoops:
     def run(self, condition: str, prompts: list[list[int]]) -> None:
         import torch
 
-        from stages.teacher.hf_backend import length_sorted_batches
+        from kd.teacher.hf_backend import length_sorted_batches
 
         b = self.backend
         with torch.inference_mode():
-            for batch in length_sorted_batches([len(p) for p in prompts], b.settings.max_batch_tokens):
+            for batch in length_sorted_batches([len(p) for p in prompts], b.teacher.max_batch_tokens):
                 longest = max(len(prompts[i]) for i in batch)
                 ids = torch.zeros((len(batch), longest), dtype=torch.long)
                 mask = torch.zeros_like(ids)
@@ -99,10 +99,10 @@ class _HFLoops:
 
 
 def _load_engine(cfg) -> tuple[Any, float]:
-    from stages.cache_teacher import _worker_backend, backend_settings
+    from stages.cache_teacher import _worker_backend
 
     started = time.perf_counter()
-    backend, _ = _worker_backend(backend_settings(cfg), 0)
+    backend, _ = _worker_backend(cfg.teacher, cfg.seed, 0)
     return backend, time.perf_counter() - started
 
 

@@ -61,8 +61,8 @@ def measure_condition(config_name: str, overrides: list[str], condition: str, wa
     """Train ``warmup + steps`` steps of one condition in this process; time the last ``steps``."""
     import torch
 
+    from kd.training.metrics import PeakMemory
     from pipeline.config_loader import load_config
-    from stages.train_metrics import PeakMemory
     from stages.train_student import setup
 
     rss_after_imports = rss_after_imports or current_rss()
@@ -96,7 +96,7 @@ def training_overrides_for(overrides: list[str], output_dir: str, max_steps: int
 # Imported by every isolated process before its baseline RSS is read: the same libraries in every condition
 # (TRL included), so raw peaks compare too and "over imports" holds only models, data and training state.
 BASELINE_IMPORTS = ("torch", "transformers", "peft", "accelerate", "datasets", "stages.train_student",
-                    "stages.student_model", "trl.experimental.gkd")
+                    "kd.student.model", "trl.experimental.gkd")
 
 
 def _isolated_worker(module: str, function: str, *args: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from kd.config import Config
 
 
 @dataclass
@@ -66,7 +66,7 @@ def bench_config(settings: BenchSettings, *extra: str) -> Config:
 
 
 def config_record(cfg: Config) -> dict[str, Any]:
-    from pipeline.config_loader import config_to_dict
+    from kd.config import config_to_dict
 
     return config_to_dict(cfg)
 

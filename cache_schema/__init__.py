@@ -4,6 +4,8 @@ See cache_schema/README.md for the format specification.
 """
 
 from cache_schema.cache_state import peek_cache_state, read_part_commit
+from cache_schema.cache_stats import cache_stats
+from cache_schema.cache_validation import validate_cache
 from cache_schema.fingerprints import file_fingerprint, json_fingerprint, samples_fingerprint, tokenizer_fingerprint
 from cache_schema.format import (
     FORMAT_NAME,
@@ -27,6 +29,7 @@ __all__ = [
     "CacheWriter",
     "IncompleteCacheError",
     "KDCache",
+    "cache_stats",
     "file_fingerprint",
     "identity_differences",
     "json_fingerprint",
@@ -35,5 +38,6 @@ __all__ = [
     "read_part_commit",
     "samples_fingerprint",
     "tokenizer_fingerprint",
+    "validate_cache",
     "write_part",
 ]

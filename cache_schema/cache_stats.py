@@ -1,4 +1,4 @@
-"""KDCache.stats: the numbers `inspect-cache` prints (sizes, and the teacher's kept probability mass)."""
+"""cache_stats(cache): the numbers `inspect-cache` prints (sizes, and the teacher's kept probability mass)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def per_source(cache: "KDCache") -> dict[str, dict[str, int]] | None:
     return table
 
 
-def compute_stats(cache: "KDCache") -> dict[str, Any]:
+def cache_stats(cache: "KDCache") -> dict[str, Any]:
     """Counts, storage size and the kept-mass distribution (1 − kept mass is the tail the cache drops)."""
     bytes_on_disk = cache.bytes_on_disk()
     positions = cache.num_label_positions

@@ -1,4 +1,4 @@
-"""KDCache.validate: check a complete cache against the format's invariants.
+"""validate_cache(cache, deep): check a complete cache against the format's invariants.
 
 deep=False checks metadata, offsets (start at 0, monotone, ending at their array's length), sample id
 uniqueness and index totals. deep=True additionally reads every sample and checks its values with the same

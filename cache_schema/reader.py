@@ -25,8 +25,6 @@ except ImportError:  # pragma: no cover - a future zarr that moved it; sequentia
 
 from cache_schema import format as fmt
 from cache_schema.cache_state import peek_cache_state, read_part_commit
-from cache_schema.cache_stats import compute_stats
-from cache_schema.cache_validation import validate_cache
 from cache_schema.part_layout import PartOffsets, StorageDtypes, array_order, decode_sample_ids, split_block
 
 _ITER_BLOCK = 256  # samples per read when iterating: amortizes chunk decoding across neighbours
@@ -263,11 +261,3 @@ class KDCache:
     def bytes_on_disk(self) -> int:
         """Sum of the sizes of every file under the cache directory."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
-
-    def stats(self) -> dict[str, Any]:
-        """Summary for `inspect-cache`: counts, bytes on disk, kept-mass Σexp(top-K) distribution."""
-        return compute_stats(self)
-
-    def validate(self, deep: bool = True) -> None:
-        """Raise CacheValidationError listing the first problems (see cache_schema.cache_validation)."""
-        validate_cache(self, deep=deep)

@@ -1,5 +1,5 @@
 """Invariants of one sample, shared by the writer (checked before anything is written) and by
-KDCache.validate(deep=True) (checked on what was read back).
+validate_cache(cache, deep=True) (checked on what was read back).
 
 The alignment convention checked here is the format's central contract (see README.md): for each distilled
 pair j, the teacher distribution in row j predicts token input_ids[label_positions[j]], which is the same

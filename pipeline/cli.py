@@ -1,7 +1,8 @@
 """The ``pipeline`` command line: a click group whose commands run the stages.
 
 User errors (config, data, cache) print one line ``error: ...`` on stderr and exit with code 2, without a
-traceback; see :mod:`pipeline.errors`.
+traceback; see :mod:`kd.errors`. Commands import their recipe when they run, so ``--help`` and ``show-config``
+start without loading torch or vLLM.
 """
 
 from __future__ import annotations
@@ -11,23 +12,10 @@ import sys
 
 import click
 
-from pipeline.errors import UserError
+from cache_schema import CacheError
+from kd.errors import UserError
 
 CONFIG_HELP = "Config file path, or a bare name from configs/ (e.g. tiny.yaml)."
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is shown to the user as one line (exit 2)."""
-    from cache_schema import CacheError
-
-    types: list[type[BaseException]] = [UserError, CacheError]
-    try:
-        from stages.teacher.scoring import BackendUnavailableError, TeacherConfigError
-
-        types += [BackendUnavailableError, TeacherConfigError]
-    except ImportError:  # the teacher package is optional for commands that never score
-        pass
-    return tuple(types)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -158,14 +146,13 @@ def eval_command(config_name: str, run_dir: str | None, steps: list[int] | None,
               help="A finished stage-two run directory (train.output_dir) of a quantized student.mode.")
 def export_command(run_dir: str) -> None:
     """Convert a quantized student (int4 via torchao, ternary as packed 2-bit) and report sizes on disk."""
-    from stages.quantized_export import export_run
+    from stages.export import export_run
 
     export_run(run_dir, echo=click.echo)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the group, turning user errors into one line and exit code 2."""
-    user_errors = _user_error_types()
     try:
         cli.main(args=argv, prog_name="pipeline", standalone_mode=False)
     except click.exceptions.Abort:
@@ -174,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except user_errors as exc:
+    except (UserError, CacheError) as exc:
         click.echo(f"error: {_first_line(exc)}", err=True)
         return 2
     return 0

@@ -1,16 +1,15 @@
-"""Load YAML configs onto the typed :class:`pipeline.config.Config`.
+"""Load YAML configs onto the typed :class:`kd.config.Config` (validated by :mod:`kd.config_checks`).
 
 Resolution order (later wins): dataclass defaults → the ``base:`` chain (outermost base first) → the named
 file → ``key.sub=value`` overrides from the command line. A config name is a path, or a bare name (with or
 without ``.yaml``) looked up in ``configs/``. ``${asset:tiny/teacher}`` expands to a path inside the shipped
 assets (``pipeline/assets``) so configs work from any directory.
 
-Every failure becomes a one-line :class:`pipeline.errors.ConfigError` naming the file and key.
+Every failure becomes a one-line :class:`kd.errors.ConfigError` naming the file and key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -19,8 +18,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import Config, validate_config
-from pipeline.errors import ConfigError
+from kd.config import Config
+from kd.config_checks import validate_config
+from kd.errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_ROOT / "assets"
@@ -153,11 +153,6 @@ def load_config(name: str, overrides: Iterable[str] = ()) -> Config:
         raise ConfigError(str(path), key, problem) from None
     assert isinstance(cfg, Config)
     return validate_config(cfg, source=str(path))
-
-
-def config_to_dict(cfg: Config) -> dict:
-    """A plain, JSON-able snapshot of a resolved config (for cache metadata and run directories)."""
-    return dataclasses.asdict(cfg)
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from cache_schema import open_cache
+from cache_schema import cache_stats, open_cache, validate_cache
 
 
 def cache_summary(path: str, validate: bool = False) -> dict:
     """Everything a person checks before training on a cache, as a JSON-able dict."""
     cache = open_cache(path)
     if validate:
-        cache.validate(deep=True)
+        validate_cache(cache, deep=True)
     meta = cache.meta
     summary = {
         "path": str(path),
@@ -24,7 +24,7 @@ def cache_summary(path: str, validate: bool = False) -> dict:
         "has_relations": cache.has_relations,
         "validated": bool(validate),
     }
-    summary.update(cache.stats())
+    summary.update(cache_stats(cache))
     return summary
 
 

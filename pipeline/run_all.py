@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pipeline.config import Config
+from cache_schema import CacheMismatchError
+from kd.config import Config
+from kd.evaluation.baseline import sft_config
+from kd.evaluation.report import results_table
+from stages.cache_teacher import cache_teacher
+from stages.evaluate import evaluate
+from stages.train_student import train_student
 
 
 def evaluate_stage(cfg: Config, echo: Callable = print) -> dict[str, Any] | None:
@@ -19,8 +25,6 @@ def evaluate_stage(cfg: Config, echo: Callable = print) -> dict[str, Any] | None
     Returns the report (what results.json holds), or None when the config has no test split. The results
     table is not printed here: run_all prints it last.
     """
-    from stages.evaluate import evaluate
-
     if cfg.data.test is None:
         echo("== evaluation: skipped (data.test is not set)")
         return None
@@ -38,12 +42,6 @@ def run_all(cfg: Config, *, workers: int = 1, overwrite: bool = False, resume: b
     ``overwrite`` replaces a cache made with other fingerprints and another run's output_dir; a complete cache
     with matching fingerprints is still reused (re-scoring it would give the same cache).
     """
-    from cache_schema import CacheMismatchError
-    from stages.cache_teacher import cache_teacher
-    from stages.eval_report import results_table
-    from stages.evaluate import sft_config
-    from stages.train_student import train_student
-
     echo(f"== stage one: cache the teacher ({cfg.teacher.model}, {cfg.teacher.backend}) -> {cfg.cache.path}")
     try:
         cache_summary = cache_teacher(cfg, workers=workers, overwrite=False, progress=progress, echo=echo)

@@ -19,26 +19,29 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cache_schema import (CacheMismatchError, CacheWriter, identity_differences, json_fingerprint,
-                          peek_cache_state, samples_fingerprint, tokenizer_fingerprint, write_part)
-from pipeline.config import Config
-from pipeline.config_loader import config_to_dict
-from pipeline.errors import DataError, UserError
-from stages.prompting import has_chat_template
-from stages.data_formats import DATA_FORMATS, source_name
-from stages.mixture import MixtureSource, TrainingSet, check_sources, draw_mixture, read_mixture_file, single_source
-from stages.record_sequences import RecordSettings
-from stages.samples import read_samples
-from stages.sequences import AlignedSample, build_aligned_samples
-from stages.teacher.scoring import BackendSettings, RelationSettings, ScoreRequest, check_top_k_fits
-
-PLAIN_TEMPLATE_NAME = "plain-question-answer-v1"
-
+from cache_schema import (
+    CacheMismatchError,
+    CacheWriter,
+    cache_stats,
+    identity_differences,
+    json_fingerprint,
+    open_cache,
+    peek_cache_state,
+    tokenizer_fingerprint,
+    write_part,
+)
+from kd.config import Config, TeacherConfig, config_to_dict
+from kd.data.sequences import AlignedSample
+from kd.data.training_set import build_training_set, training_set_fingerprints
+from kd.errors import DataError, UserError
+from kd.teacher.factory import load_backend
+from kd.teacher.types import ScoreRequest, check_top_k_fits
+from kd.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------- setup
 
@@ -48,7 +51,6 @@ class StageOnePlan:
     """Everything stage one decided before scoring anything."""
 
     cfg: Config
-    settings: BackendSettings
     shards: list[list[AlignedSample]]
     meta: dict[str, Any]
     vocab_size: int
@@ -58,26 +60,6 @@ class StageOnePlan:
     """What was at cache.path before: absent, incomplete (resume) or complete (nothing to do)."""
     notes: list[str] = field(default_factory=list)
     """What stage one decided about the data (detected format, mixture draw), printed before scoring."""
-
-
-def backend_settings(cfg: Config) -> BackendSettings:
-    """Map the ``teacher:`` config section onto the backend's plain settings."""
-    t = cfg.teacher
-    relations = RelationSettings(t.attention.layer, t.attention.num_heads) if t.attention.enabled else None
-    return BackendSettings(
-        model=t.model, backend=t.backend, top_k=t.top_k, dtype=t.dtype, max_batch_tokens=t.max_batch_tokens,
-        logprob_chunk=t.logprob_chunk, tensor_parallel_size=t.tensor_parallel_size,
-        gpu_memory_utilization=t.gpu_memory_utilization, max_num_batched_tokens=t.max_num_batched_tokens,
-        max_model_len=t.max_model_len, seed=cfg.seed, relations=relations)
-
-
-def _load_tokenizer(model: str, key: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{key}={model!r}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
 
 
 def _model_config(model: str) -> dict:
@@ -95,73 +77,10 @@ def _teacher_length_limit(cfg: Config, model_config: dict) -> int | None:
     return min(limits) if limits else None
 
 
-def _fingerprints(cfg: Config, tokenizer, model_config: dict, samples, pool) -> dict[str, str]:
-    sample_rows = [{"id": s.sample_id, "q": s.question, "a": s.answer} for s in samples]
-    pool_rows = [{"q": s.question, "a": s.answer} for s in pool] if cfg.data.num_fewshot else []
-    template = tokenizer.chat_template if has_chat_template(tokenizer) else PLAIN_TEMPLATE_NAME
-    t = cfg.teacher
-    return {
-        "teacher": json_fingerprint({"model": t.model, "config": model_config, "backend": t.backend,
-                                     "dtype": t.dtype, "relations": config_to_dict(cfg)["teacher"]["attention"]}),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": samples_fingerprint(sample_rows + [{"shot_pool": pool_rows}]),
-        "prompt": json_fingerprint({"template": template, "num_fewshot": cfg.data.num_fewshot, "seed": cfg.seed,
-                                    "max_seq_len": cfg.data.max_seq_len,
-                                    "max_teacher_len": cfg.data.max_teacher_len}),
-    }
-
-
-def _record_fingerprints(training: TrainingSet, cfg: Config, tokenizer, model_config: dict) -> dict[str, str]:
-    """Fingerprints of a non-GSM8K training set: the data is the built sequences themselves (they capture the
-    format, template, shots, system prompts, windows and mixture draw)."""
-    base = _fingerprints(cfg, tokenizer, model_config, [], [])
-    rows = [{"id": s.sample_id, "source": s.source, "s": s.pair.input_ids, "t": s.pair.teacher_input_ids,
-             "p": s.pair.label_positions, "tp": s.pair.teacher_positions} for s in training.built]
-    d = cfg.data
-    prompt = {"formats": training.formats, "seed": cfg.seed,
-              "chat_template": tokenizer.chat_template if has_chat_template(tokenizer) else PLAIN_TEMPLATE_NAME,
-              **{key: getattr(d, key) for key in ("num_fewshot", "max_seq_len", "max_teacher_len", "system_prompt",
-                                                  "teacher_system_prompt", "window_stride", "mixture_unit",
-                                                  "mixture_budget")}}
-    return base | {"data": samples_fingerprint(rows), "prompt": json_fingerprint(prompt)}
-
-
-def _training_set(cfg: Config, tokenizer, teacher_len: int | None) -> tuple[TrainingSet, tuple | None]:
-    """Every aligned sample stage one scores, and for the GSM8K path (unchanged, fingerprinted as before) its
-    (samples, shot pool); None for data formats and mixtures."""
-    d = cfg.data
-    if d.format == "gsm8k" and not d.mixture and d.mixture_file is None:
-        train = read_samples(d.train, dataset_config=d.dataset_config, on_error=d.on_error,
-                             max_samples=d.max_samples)
-        pool = train.samples
-        if d.fewshot_pool is not None:
-            pool = read_samples(d.fewshot_pool, dataset_config=d.dataset_config, on_error=d.on_error).samples
-        elif d.max_samples is not None and d.num_fewshot:
-            pool = read_samples(d.train, dataset_config=d.dataset_config, on_error=d.on_error).samples
-        report = build_aligned_samples(train.samples, pool, tokenizer, num_fewshot=d.num_fewshot, seed=cfg.seed,
-                                       max_seq_len=d.max_seq_len, max_teacher_len=teacher_len)
-        name = source_name(d.train)
-        built = [replace(sample, source=name) for sample in report.built]
-        return TrainingSet(built, [name], train.skipped + report.skipped, report.trimmed, [],
-                           {name: "gsm8k"}), (train.samples, pool)
-    settings = RecordSettings(d.num_fewshot, cfg.seed, d.max_seq_len, teacher_len, d.window_stride,
-                              d.system_prompt, d.teacher_system_prompt)
-    if d.mixture or d.mixture_file is not None:
-        if d.mixture_file is not None:
-            sources, origin = read_mixture_file(d.mixture_file, DATA_FORMATS), d.mixture_file
-        else:
-            sources = [MixtureSource(e.name, e.path, e.proportion, e.format, f"data.mixture[{i}] ({e.name})")
-                       for i, e in enumerate(d.mixture)]
-            origin = "data.mixture"
-        check_sources(sources, origin)
-        training = draw_mixture(sources, default_format=d.format, budget=int(d.mixture_budget or 0),
-                                unit=d.mixture_unit, tokenizer=tokenizer, settings=settings,
-                                dataset_config=d.dataset_config, on_error=d.on_error)
-    else:
-        training = single_source(d.train, d.format, pool_spec=d.fewshot_pool, tokenizer=tokenizer,
-                                 settings=settings, dataset_config=d.dataset_config, on_error=d.on_error,
-                                 max_samples=d.max_samples)
-    return training, None
+def _teacher_fingerprint(teacher: TeacherConfig, model_config: dict) -> str:
+    """What makes two teachers score alike: the model and its config, the engine, dtype and relation settings."""
+    return json_fingerprint({"model": teacher.model, "config": model_config, "backend": teacher.backend,
+                             "dtype": teacher.dtype, "relations": config_to_dict(teacher)["attention"]})
 
 
 def _check_existing(path: str, meta: dict, overwrite: bool) -> str:
@@ -182,33 +101,32 @@ def _check_existing(path: str, meta: dict, overwrite: bool) -> str:
 
 def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
     """Read, align and fingerprint everything; decide what to do with an existing cache."""
-    tokenizer = _load_tokenizer(cfg.teacher.model, "teacher.model")
-    student_tokenizer = _load_tokenizer(cfg.student.model, "student.model")
+    tokenizer = load_tokenizer(cfg.teacher.model, "teacher.model")
+    student_tokenizer = load_tokenizer(cfg.student.model, "student.model")
     if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(student_tokenizer):
         raise UserError(f"teacher.model={cfg.teacher.model!r} and student.model={cfg.student.model!r} have "
                         "different tokenizers; cached token ids would mean different things to the student")
     check_top_k_fits(cfg.teacher.top_k, len(tokenizer), cfg.teacher.model)
     model_config = _model_config(cfg.teacher.model)
-    training, gsm8k_rows = _training_set(cfg, tokenizer, _teacher_length_limit(cfg, model_config))
+    training = build_training_set(cfg.data, cfg.seed, tokenizer, _teacher_length_limit(cfg, model_config))
     if not training.built:
         origin = cfg.data.train or cfg.data.mixture_file or "data.mixture"
         raise DataError(f"{origin}: no sample fits (first reason: {training.skipped[0]})")
     size = cfg.cache.shard_size
     shards = [training.built[i:i + size] for i in range(0, len(training.built), size)]
-    d = cfg.data
-    fingerprints = (_fingerprints(cfg, tokenizer, model_config, *gsm8k_rows) if gsm8k_rows is not None
-                    else _record_fingerprints(training, cfg, tokenizer, model_config))
+    fingerprints = {"teacher": _teacher_fingerprint(cfg.teacher, model_config),
+                    **training_set_fingerprints(training, cfg.data, cfg.seed, tokenizer)}
     meta = {"fingerprints": fingerprints,
             "top_k": cfg.teacher.top_k, "logprob_mode": cfg.teacher.logprob_mode,
             "config": config_to_dict(cfg), "teacher_model": cfg.teacher.model, "backend": cfg.teacher.backend,
-            "num_fewshot": d.num_fewshot, "skipped_samples": len(training.skipped),
+            "num_fewshot": cfg.data.num_fewshot, "skipped_samples": len(training.skipped),
             "sources": training.sources, "source_formats": training.formats}
     if cfg.teacher.attention.enabled:
         meta["relations"] = {"layer": cfg.teacher.attention.layer, "num_relation_heads":
                              cfg.teacher.attention.num_heads, "kinds": ["qq", "kk", "vv"]}
     vocab_size = max(int(model_config.get("vocab_size") or 0), len(tokenizer))
     state = _check_existing(cfg.cache.path, meta, overwrite)
-    return StageOnePlan(cfg, backend_settings(cfg), shards, meta, vocab_size, skipped=training.skipped,
+    return StageOnePlan(cfg, shards, meta, vocab_size, skipped=training.skipped,
                         trimmed=training.trimmed, state=state, notes=training.notes)
 
 
@@ -218,15 +136,13 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
 _WORKER_BACKENDS: dict[str, Any] = {}
 
 
-def _worker_backend(settings: BackendSettings, pin_gpus: int) -> tuple[Any, float]:
-    """This process's engine for ``settings`` (loaded on first use) and the seconds spent loading it now."""
+def _worker_backend(teacher: TeacherConfig, seed: int, pin_gpus: int) -> tuple[Any, float]:
+    """This process's engine for ``teacher`` (loaded on first use) and the seconds spent loading it now."""
     from transformers.utils import logging as transformers_logging
-
-    from stages.teacher.scoring import load_backend
 
     transformers_logging.disable_progress_bar()   # stage one's own bar reports progress
 
-    key = json_fingerprint(settings.__dict__ | {"relations": str(settings.relations)})
+    key = json_fingerprint({"teacher": config_to_dict(teacher), "seed": seed})
     if key in _WORKER_BACKENDS:
         return _WORKER_BACKENDS[key], 0.0
     if pin_gpus:
@@ -235,7 +151,7 @@ def _worker_backend(settings: BackendSettings, pin_gpus: int) -> tuple[Any, floa
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     started = time.perf_counter()
     _WORKER_BACKENDS.clear()
-    _WORKER_BACKENDS[key] = load_backend(settings)
+    _WORKER_BACKENDS[key] = load_backend(teacher, seed=seed)
     return _WORKER_BACKENDS[key], time.perf_counter() - started
 
 
@@ -248,17 +164,17 @@ def _pin_gpu_for_this_worker(num_gpus: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(index % num_gpus)
 
 
-def score_shard(settings: BackendSettings, cache_path: str, part_id: int, shard: list[AlignedSample],
+def score_shard(teacher: TeacherConfig, seed: int, cache_path: str, part_id: int, shard: list[AlignedSample],
                 pin_gpus: int = 0) -> dict[str, float]:
     """Score one shard with this process's engine and write it as cache part ``part_id`` (commit last)."""
     started = time.perf_counter()
-    if settings.backend == "hf" and os.environ.get("OMP_NUM_THREADS"):
+    if teacher.backend == "hf" and os.environ.get("OMP_NUM_THREADS"):
         # OpenMP's thread count is per calling thread and dask runs tasks in an executor thread that starts
         # with one; vLLM binds its own threads, so only the hf backend needs this.
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    backend, load_seconds = _worker_backend(settings, pin_gpus)
+    backend, load_seconds = _worker_backend(teacher, seed, pin_gpus)
     requests = [ScoreRequest(s.pair.teacher_input_ids, np.asarray(s.pair.teacher_positions, dtype=np.int64))
                 for s in shard]
     results = backend.score(requests)
@@ -314,7 +230,8 @@ def _record(stats: RunStats, bar, part_stats: dict, started: float) -> None:
 def _run_in_process(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, started: float) -> None:
     try:
         for part_id in pending:
-            _record(stats, bar, score_shard(plan.settings, plan.cfg.cache.path, part_id, plan.shards[part_id]),
+            _record(stats, bar, score_shard(plan.cfg.teacher, plan.cfg.seed, plan.cfg.cache.path, part_id,
+                                            plan.shards[part_id]),
                     started)
     finally:
         for backend in _WORKER_BACKENDS.values():
@@ -340,7 +257,7 @@ def _run_on_dask(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, s
             n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0, dashboard_address=None,
             env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         with Client(scheduler or cluster) as client:
-            futures = [client.submit(score_shard, plan.settings, plan.cfg.cache.path, part_id,
+            futures = [client.submit(score_shard, plan.cfg.teacher, plan.cfg.seed, plan.cfg.cache.path, part_id,
                                      plan.shards[part_id], num_gpus, key=f"score-part-{part_id}", pure=False)
                        for part_id in pending]
             for future in as_completed(futures):
@@ -384,16 +301,14 @@ def run(plan: StageOnePlan, workers: int = 1, scheduler: str | None = None, prog
 
 def summarize(plan: StageOnePlan, stats: RunStats) -> dict[str, Any]:
     """The closing numbers: what was scored, how fast, how large on disk."""
-    from cache_schema import open_cache
-
-    cache_stats = open_cache(plan.cfg.cache.path).stats()
+    stats_of_cache = cache_stats(open_cache(plan.cfg.cache.path))
     # Throughput excludes the engine start (vLLM on CPU: ~1 min) so runs of different sizes compare.
     seconds = max(stats.seconds - stats.engine_start_seconds, 1e-9)
     return {
         "cache": plan.cfg.cache.path, "backend": plan.cfg.teacher.backend, "top_k": plan.cfg.teacher.top_k,
-        "samples": cache_stats["samples"], "scored_positions": cache_stats["distilled_positions"],
-        "teacher_tokens": cache_stats["teacher_tokens"], "bytes_on_disk": cache_stats["bytes_on_disk"],
-        "bytes_per_position": cache_stats["bytes_per_position"],
+        "samples": stats_of_cache["samples"], "scored_positions": stats_of_cache["distilled_positions"],
+        "teacher_tokens": stats_of_cache["teacher_tokens"], "bytes_on_disk": stats_of_cache["bytes_on_disk"],
+        "bytes_per_position": stats_of_cache["bytes_per_position"],
         "parts": len(plan.shards), "parts_reused": stats.parts_reused, "parts_scored": stats.parts_scored,
         "skipped_samples": len(plan.skipped), "shots_trimmed": plan.trimmed, "seconds": round(stats.seconds, 2),
         "engine_start_seconds": round(stats.engine_start_seconds, 2),

@@ -7,12 +7,12 @@ Sections, in the order they run:
    run in ``<train.output_dir>-sft``), their checkpoints (``eval.steps`` or all complete ones), the generation
    engine, and the cache's held-out samples for KL.
 2. **run** — per condition: greedy generation of every test answer and exact match
-   (:mod:`stages.answer_extraction`), perplexity of the reference answers, and for students KL(teacher ‖ student)
-   on the held-out cache samples (:mod:`stages.eval_metrics`). Conditions: ``teacher_fewshot`` (with
+   (:mod:`kd.evaluation.answers`), perplexity of the reference answers, and for students KL(teacher ‖ student)
+   on the held-out cache samples (:mod:`kd.evaluation.metrics`). Conditions: ``teacher_fewshot`` (with
    ``data.num_fewshot`` shots), ``teacher_zeroshot`` (the in-context gap the student is meant to close),
    ``student_untrained``, then ``distilled`` and ``sft`` at each checkpoint step.
 3. **finish** — results.json, results.md, plots and per-sample generations in the run directory
-   (:mod:`stages.eval_report`), and the table printed.
+   (:mod:`kd.evaluation.report`), and the table printed.
 
 Students are evaluated from checkpoints (trainable weights over the base, as stage two saved them), so the
 same code serves every student mode and every step; the last checkpoint is the exported final model.
@@ -29,18 +29,20 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.config import Config, validate_config
-from pipeline.errors import DataError, UserError
-from stages import checkpoints as ckpt
-from stages.eval_metrics import answer_perplexity, held_out_kl, score_completions
-from stages.eval_report import results_table, write_generations, write_report
-from stages.generation import GenerationSettings, HFGenerator, VllmGenerator
-from stages.prompting import answer_ids, draw_shots, prompt_ids
-from stages.samples import Sample, read_samples
-from stages.student_data import split_indices
-from stages.student_model import DistillStudent, build_student, load_tokenizer, load_trainable_state_dict
-
-SFT_SUFFIX = "-sft"
+from kd.config import Config
+from kd.data.formats import Record, read_records
+from kd.data.prompting import answer_ids, draw_shots, prompt_ids
+from kd.errors import DataError, UserError
+from kd.evaluation.baseline import sft_config
+from kd.evaluation.generation import GenerationSettings, HFGenerator, VllmGenerator, resolve_backend
+from kd.evaluation.metrics import answer_perplexity, held_out_kl, score_completions
+from kd.evaluation.report import RESULTS_FORMAT, results_table, write_generations, write_report
+from kd.student.model import DistillStudent, load_trainable_state_dict
+from kd.student.modes import build_student
+from kd.teacher.hf_backend import resolve_hf_dtype
+from kd.tokenizer import load_tokenizer, pad_token_id
+from kd.training import checkpoints as ckpt
+from kd.training.training_data import open_training_cache, split_indices
 
 
 @dataclass
@@ -63,8 +65,10 @@ class EvalPlan:
     backend: str
     settings: GenerationSettings
     tokenizer: Any
-    test: list[Sample]
-    shot_pool: list[Sample]
+    test: list[Record]
+    """Test problems: question/answer records (:meth:`Record.exchange`)."""
+    shot_pool: list[tuple[str, str]]
+    """(question, answer) worked examples for the teacher's few-shot prompts."""
     runs: list[TrainedRun]
     device: torch.device
     cache: Any = None
@@ -72,28 +76,6 @@ class EvalPlan:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-
-
-def sft_config(cfg: Config) -> Config:
-    """The CE-only baseline of ``cfg``: same student, data, steps and seed; kd_weight=0, ce_weight=1."""
-    baseline = copy.deepcopy(cfg)
-    baseline.train.kd_weight, baseline.train.ce_weight = 0.0, 1.0
-    baseline.train.output_dir = cfg.train.output_dir.rstrip("/") + SFT_SUFFIX
-    baseline.name = f"{cfg.name}{SFT_SUFFIX}"
-    return validate_config(baseline, source="<sft baseline>")
-
-
-def resolve_backend(setting: str) -> str:
-    """``auto``: vllm when importable and a GPU is present, else transformers."""
-    if setting != "auto":
-        return setting
-    if not torch.cuda.is_available():
-        return "hf"
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # vllm fails with ImportError, OSError or RuntimeError when its build does not fit
-        return "hf"
-    return "vllm"
 
 
 def _checkpoints_to_evaluate(output_dir: Path, steps: list[int], what: str) -> list[tuple[int, Path]]:
@@ -111,12 +93,16 @@ def _checkpoints_to_evaluate(output_dir: Path, steps: list[int], what: str) -> l
     return [(s, available[s]) for s in sorted(set(steps))]
 
 
-def _read_split(spec: str | None, key: str, cfg: Config, max_samples: int | None = None) -> list[Sample]:
+def _read_split(spec: str | None, key: str, cfg: Config, max_samples: int | None = None) -> list[Record]:
     if spec is None:
         raise UserError(f"{key} is not set; evaluation needs test problems (a JSONL/parquet file of "
                         "question/answer rows)")
-    return read_samples(spec, dataset_config=cfg.data.dataset_config, on_error=cfg.data.on_error,
-                        max_samples=max_samples).samples
+    return read_records(spec, "gsm8k", dataset_config=cfg.data.dataset_config, on_error=cfg.data.on_error,
+                        max_samples=max_samples).records
+
+
+def _exchanges(records: list[Record]) -> list[tuple[str, str]]:
+    return [record.exchange() for record in records]  # question/answer records are one exchange each
 
 
 def _runs(cfg: Config, run_dir: str | None, steps: list[int]) -> list[TrainedRun]:
@@ -135,18 +121,18 @@ def _runs(cfg: Config, run_dir: str | None, steps: list[int]) -> list[TrainedRun
     return runs
 
 
-def _shot_pool(cfg: Config, say: Callable) -> list[Sample]:
+def _shot_pool(cfg: Config, say: Callable) -> list[tuple[str, str]]:
     """Worked examples for the teacher's few-shot prompts: data.fewshot_pool, else data.train when it holds
     question/answer rows. A mixture or chat-format training set gives none: the teacher is then evaluated
     0-shot only (said, not silent)."""
     d = cfg.data
     if d.fewshot_pool is not None:
-        return _read_split(d.fewshot_pool, "data.fewshot_pool", cfg)
+        return _exchanges(_read_split(d.fewshot_pool, "data.fewshot_pool", cfg))
     if d.train is None:
         say("  teacher few-shot: no data.train or data.fewshot_pool to draw shots from; teacher 0-shot only")
         return []
     try:
-        return _read_split(d.train, "data.train", cfg)
+        return _exchanges(_read_split(d.train, "data.train", cfg))
     except DataError as exc:
         say(f"  teacher few-shot: data.train has no question/answer rows ({str(exc).splitlines()[0]}); set "
             "data.fewshot_pool to a GSM8K-format file for the few-shot condition; teacher 0-shot only")
@@ -162,12 +148,10 @@ def setup(cfg: Config, *, run_dir: str | None = None, steps: list[int] | None = 
     pool = _shot_pool(cfg, say) if ev.teacher and cfg.data.num_fewshot > 0 else []
     plan = EvalPlan(cfg=cfg, output_dir=runs[0].output_dir, backend=resolve_backend(ev.backend),
                     settings=GenerationSettings(ev.max_new_tokens, tuple(ev.stop_strings), ev.batch_size),
-                    tokenizer=load_tokenizer(cfg.student.model), test=test, shot_pool=pool, runs=runs,
+                    tokenizer=load_tokenizer(cfg.student.model, "student.model"), test=test, shot_pool=pool, runs=runs,
                     device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if ev.held_out_kl and cfg.train.num_validation_samples > 0:
-        from stages.train_student import open_student_cache
-
-        plan.cache = open_student_cache(cfg.cache.path)
+        plan.cache = open_training_cache(cfg.cache.path)
         _, held_out = split_indices(len(plan.cache), cfg.train.num_validation_samples, cfg.seed)
         plan.val_indices = [int(i) for i in held_out]
     return plan
@@ -181,16 +165,17 @@ def _prompts(plan: EvalPlan, tokenizer, num_fewshot: int) -> list[list[int]]:
     prompts = []
     for index, sample in enumerate(plan.test):
         shot_indices = draw_shots(len(plan.shot_pool), num_fewshot, plan.cfg.seed, index, exclude=None)
-        shots = [(plan.shot_pool[i].question, plan.shot_pool[i].answer) for i in shot_indices]
-        prompts.append(prompt_ids(tokenizer, sample.question, shots))
+        shots = [plan.shot_pool[i] for i in shot_indices]
+        prompts.append(prompt_ids(tokenizer, sample.exchange()[0], shots))
     return prompts
 
 
 def _condition_result(plan: EvalPlan, condition: str, label: str, model: str, step: int | None, shots: int,
                       prompts: list[list[int]], completions: list[str], tokenizer) -> dict[str, Any]:
     """Score the completions, write the per-sample generations, return the condition's result record."""
-    summary, records = score_completions(completions, [s.answer for s in plan.test], plan.cfg.eval.answer_fallback)
-    rows = [{"index": i, "sample_id": s.sample_id, "question": s.question, "reference": s.answer,
+    summary, records = score_completions(completions, [s.exchange()[1] for s in plan.test],
+                                         plan.cfg.eval.answer_fallback)
+    rows = [{"index": i, "sample_id": s.sample_id, "question": s.exchange()[0], "reference": s.exchange()[1],
              "prompt_tokens": len(p), "output": c, **r}
             for i, (s, p, c, r) in enumerate(zip(plan.test, prompts, completions, records))]
     generations = write_generations(plan.output_dir, condition, step, rows)
@@ -201,19 +186,17 @@ def _condition_result(plan: EvalPlan, condition: str, label: str, model: str, st
 def _perplexity(plan: EvalPlan, model, tokenizer, prompts: list[list[int]]) -> dict[str, float]:
     if not plan.cfg.eval.perplexity:
         return {}
-    answers = [answer_ids(tokenizer, s.answer) for s in plan.test]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return answer_perplexity(model, prompts, answers, pad_id=pad_id, batch_size=plan.cfg.eval.batch_size)
+    answers = [answer_ids(tokenizer, s.exchange()[1]) for s in plan.test]
+    return answer_perplexity(model, prompts, answers, pad_id=pad_token_id(tokenizer),
+                             batch_size=plan.cfg.eval.batch_size)
 
 
 def evaluate_teacher(plan: EvalPlan, say: Callable) -> list[dict[str, Any]]:
     """The teacher with ``data.num_fewshot`` shots and with none (one engine for both)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from stages.teacher.hf_backend import resolve_hf_dtype
+    from transformers import AutoModelForCausalLM
 
     t = plan.cfg.teacher
-    tokenizer = AutoTokenizer.from_pretrained(t.model)
+    tokenizer = load_tokenizer(t.model, "teacher.model")
     model = AutoModelForCausalLM.from_pretrained(t.model, dtype=resolve_hf_dtype(t.dtype, plan.device))
     model.to(plan.device).eval()
     generator = _generator(plan, model, tokenizer, t.model)
@@ -308,8 +291,8 @@ def _evaluate_student(plan: EvalPlan, generator: StudentGenerator, condition: st
     result = _condition_result(plan, condition, label, model, step, 0, prompts, completions, plan.tokenizer)
     result.update(_perplexity(plan, generator.module.model, plan.tokenizer, prompts))
     if plan.cache is not None and plan.val_indices:
-        pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else 0
-        result.update(held_out_kl(generator.module, plan.cache, plan.val_indices, pad_id=pad_id,
+        result.update(held_out_kl(generator.module, plan.cache, plan.val_indices,
+                                  pad_id=pad_token_id(plan.tokenizer),
                                   batch_size=plan.cfg.train.batch_size))
         result["kl_samples"] = len(plan.val_indices)
     result["eval_seconds"] = round(time.perf_counter() - started, 2)
@@ -352,7 +335,7 @@ def finish(plan: EvalPlan, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Write the report files; return the report (what results.json holds) with the written paths."""
     ev = plan.cfg.eval
     report = {
-        "format": "cached-kd-eval/1", "config": plan.cfg.name, "seed": plan.cfg.seed,
+        "format": RESULTS_FORMAT, "config": plan.cfg.name, "seed": plan.cfg.seed,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "test": plan.cfg.data.test, "test_samples": len(plan.test), "backend": plan.backend,
         "generation": {"greedy": True, "max_new_tokens": ev.max_new_tokens, "stop_strings": list(ev.stop_strings),

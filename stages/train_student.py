@@ -7,8 +7,8 @@ Sections, in the order they run:
    Accelerator, AdamW, the cosine schedule, the held-out validation split and the cache stream.
 2. **run** — ``train.max_steps`` optimizer steps: each takes ``train.grad_accum`` micro-batches per process;
    the student's decoder gives hidden states [B, T, H], the N distilled rows [N, H] go through the lm_head in
-   chunks (:func:`stages.losses.student_logprobs_at`), and :func:`stages.losses.distillation_loss` compares them
-   with the cached top-K. Logging, validation and checkpoints happen on their own cadences.
+   chunks (:func:`kd.training.losses.student_logprobs_at`), and :func:`kd.training.losses.distillation_loss`
+   compares them with the cached top-K. Logging, validation and checkpoints happen on their own cadences.
 3. **finish** — the last checkpoint, the HF-format student in ``output_dir/final``, and a summary.
 
 Loss normalization. The loss of a step is the mean over every distilled position of the global batch (all
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -34,17 +33,24 @@ from typing import Any, Callable
 
 import torch
 
-from cache_schema import CacheError, open_cache, tokenizer_fingerprint
-from pipeline.config import Config
-from pipeline.errors import UserError
-from stages import checkpoints as ckpt
-from stages.losses import attention_relation_loss, distillation_loss, kept_mass_kl
-from stages.student_data import (CacheMismatch, CacheStream, check_student_compatible, iterate_once,
-                                 source_sample_weights, split_indices)
-from stages.student_model import (DistillStudent, build_student, export_final, load_tokenizer,
-                                  load_trainable_state_dict, trainable_state_dict)
-from stages.train_metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, PeakMemory
-
+from cache_schema import tokenizer_fingerprint
+from kd.config import Config
+from kd.errors import UserError
+from kd.student.model import DistillStudent, load_trainable_state_dict, trainable_state_dict
+from kd.student.modes import build_student, export_final
+from kd.tokenizer import load_tokenizer, pad_token_id
+from kd.training import checkpoints as ckpt
+from kd.training.loader import CacheStream, iterate_once
+from kd.training.losses import attention_relation_loss, distillation_loss, kept_mass_kl
+from kd.training.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, PeakMemory
+from kd.training.optimization import build_optimizer, mixed_precision, use_cpu
+from kd.training.training_data import (
+    CacheMismatch,
+    check_student_compatible,
+    open_training_cache,
+    source_sample_weights,
+    split_indices,
+)
 
 SUMMARY_FILE = "summary.json"
 
@@ -85,17 +91,6 @@ class StageTwoPlan:
     """elapsed_s and tokens_seen carried over from the checkpoint resumed from."""
 
 
-def open_student_cache(path: str):
-    """The complete cache at cache.path, or a one-line UserError saying what to do."""
-    try:
-        cache = open_cache(path)
-        cache.validate(deep=False)
-    except CacheError as exc:
-        raise UserError(f"cache.path: {str(exc).splitlines()[0]}; stage two needs the complete cache that "
-                        "`pipeline cache-teacher` writes for this config") from None
-    return cache
-
-
 def _check_tokenizer(cfg: Config, cache) -> Any:
     """Refuse a student whose vocabulary differs from the cache's; accept padded embedding rows.
 
@@ -103,7 +98,7 @@ def _check_tokenizer(cfg: Config, cache) -> Any:
     """
     from transformers import AutoConfig
 
-    tokenizer = load_tokenizer(cfg.student.model)
+    tokenizer = load_tokenizer(cfg.student.model, "student.model")
     model_config = AutoConfig.from_pretrained(cfg.student.model)
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     try:
@@ -128,25 +123,6 @@ def _check_relations(cfg: Config, cache) -> tuple[int, int] | None:
                         f"relations were made at layer {recorded['layer']} with {recorded['num_relation_heads']} "
                         "heads; set those values or rebuild the cache")
     return cfg.student.relation_layer, wanted.num_heads
-
-
-def _use_cpu() -> bool:
-    """Train on CPU: asked for (``accelerate launch --cpu``) or no GPU.
-
-    Telling accelerate explicitly matters: only with cpu=True does a process started by torchrun /
-    ``accelerate launch --multi_gpu`` on a GPU-less machine join a gloo process group (MULTI_CPU) instead of
-    training alone.
-    """
-    asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return asked or not torch.cuda.is_available()
-
-
-def _mixed_precision(setting: str, cpu: bool) -> str:
-    if setting != "auto":
-        return setting
-    if not cpu and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"  # CPU autocast to bf16 is slow on most CPUs and changes numerics; fp32 there
 
 
 def _split(cfg: Config, cache, accelerator) -> tuple[list[int], list[int]]:
@@ -174,21 +150,6 @@ def _sample_weights(cfg: Config, cache, train_idx: list[int]):
         raise UserError(f"train.source_weights: {exc}") from None
 
 
-def _optimizer(model, cfg: Config):
-    from transformers import get_cosine_schedule_with_warmup
-
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            # Norm gains and biases (1-D) are not decayed: shrinking them toward 0 is not regularization.
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
-    return optimizer, scheduler
-
-
 def _prepare_output_dir(cfg: Config, identity: dict, accelerator, *, resume: bool, overwrite: bool,
                         say: Callable) -> ckpt.RunDecision:
     output_dir = Path(cfg.train.output_dir)
@@ -212,11 +173,11 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    cache = open_student_cache(cfg.cache.path)
+    cache = open_training_cache(cfg.cache.path)
     tokenizer = _check_tokenizer(cfg, cache)
     relations = _check_relations(cfg, cache)
-    cpu = _use_cpu()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg.train.mixed_precision, cpu))
+    cpu = use_cpu()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg.train.mixed_precision, cpu))
     if not accelerator.is_main_process:
         say = _quiet  # one voice per run
     identity = ckpt.run_identity(cfg, cache.meta)
@@ -229,13 +190,13 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
     module = DistillStudent(model, chunk_size=cfg.train.logprob_chunk,
                             relation_layer=relations[0] if relations else None,
                             relation_heads=relations[1] if relations else 0)
-    optimizer, scheduler = _optimizer(module, cfg)
+    optimizer, scheduler = build_optimizer(module, cfg.train)
     module, optimizer = accelerator.prepare(module, optimizer)
     # Not prepared: accelerate would step a prepared scheduler once per process per optimizer step.
     accelerator.register_for_checkpointing(scheduler)
     ckpt.register_weight_hooks(accelerator, trainable_state_dict, load_trainable_state_dict)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token_id(tokenizer)
     stream = CacheStream(cache, train_idx, batch_size=cfg.train.batch_size, seed=cfg.seed, shuffle=True,
                          rank=accelerator.process_index, world_size=accelerator.num_processes, pad_id=pad_id,
                          sample_weights=sample_weights)
@@ -512,7 +473,7 @@ def _finished_run(cfg: Config) -> dict[str, Any] | None:
     if not found or found[-1][0] < cfg.train.max_steps or not (out / SUMMARY_FILE).is_file():
         return None
     existing = ckpt.read_run_file(out)
-    identity = ckpt.run_identity(cfg, open_student_cache(cfg.cache.path).meta)
+    identity = ckpt.run_identity(cfg, open_training_cache(cfg.cache.path).meta)
     if existing is None or (existing.get("config_fingerprint"), existing.get("cache_fingerprints")) != (
             identity["config_fingerprint"], identity["cache_fingerprints"]):
         return None  # another run: setup() refuses it with the full message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.stages.stage_helpers import tiny_config
+from tests.helpers.stage_helpers import tiny_config
 
 
 @pytest.fixture(scope="session")

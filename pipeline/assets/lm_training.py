@@ -1,6 +1,6 @@
 """Plain PyTorch causal-LM training of the tiny models on the synthetic task (fp32, CPU, AdamW).
 
-Sequences are the teacher-side sequences of stages.prompting.build_pair: a mix of 0-shot and k-shot prompts
+Sequences are the teacher-side sequences of kd.data.prompting.build_pair: a mix of 0-shot and k-shot prompts
 (k up to ``max_shots``) so the model answers both ways. The loss covers every token (questions, shot answers
 and the final answer); padding is masked out.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stages.prompting import build_pair, draw_shots
+from kd.data.prompting import build_pair, draw_shots
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """Greedy-generation exact-match accuracy on GSM8K-format rows (used by the asset build and its README numbers).
 
-Prompts come from stages.prompting, so the evaluated text is exactly what the pipeline trains and caches on.
-The predicted answer is the integer after "####" in the generated text (regex ``####\\s*(-?[\\d,]+)``).
+Prompts come from kd.data.prompting, so the evaluated text is exactly what the pipeline trains and caches on.
+The predicted answer is the number after "####" in the generated text, read by the evaluation's own extractor
+(:func:`kd.evaluation.answers.extract_answer`, no fallback to the last number).
 """
 
 from __future__ import annotations
 
-from stages.generation import greedy_generate
-from stages.prompting import draw_shots, extract_final_answer, prompt_ids
+from kd.data.prompting import draw_shots, prompt_ids
+from kd.evaluation.answers import extract_answer, is_correct, reference_answer
+from kd.evaluation.generation import greedy_generate
 
 
 def exact_match_accuracy(
@@ -27,11 +29,8 @@ def exact_match_accuracy(
         shots = [(shot_pool[i]["question"], shot_pool[i]["answer"]) for i in shot_indices]
         prompts.append(prompt_ids(tokenizer, row["question"], shots))
     completions = greedy_generate(model, tokenizer, prompts, stop_ids, max_new_tokens)
-    correct = [
-        extract_final_answer(completion) is not None
-        and extract_final_answer(completion) == extract_final_answer(row["answer"])
-        for completion, row in zip(completions, rows, strict=True)
-    ]
+    correct = [is_correct(extract_answer(completion, fallback="none"), reference_answer(row["answer"]))
+               for completion, row in zip(completions, rows, strict=True)]
     return {
         "num_fewshot": num_fewshot,
         "num_rows": len(rows),

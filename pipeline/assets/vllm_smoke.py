@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+from kd.data.prompting import build_pair
+from pipeline.assets.synthetic_task import read_jsonl
+
 DEFAULT_MODEL = Path(__file__).resolve().parent / "tiny" / "teacher"
 
 
 def _sample_ids(model_dir: Path) -> tuple[list[int], list[int]]:
     from transformers import AutoTokenizer
-
-    from pipeline.assets.synthetic_task import read_jsonl
-    from stages.prompting import build_pair
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     data_dir = model_dir.parent / "data"

@@ -15,6 +15,7 @@ from cache_schema import (
     IncompleteCacheError,
     open_cache,
     peek_cache_state,
+    validate_cache,
     write_part,
 )
 from cache_schema.format import PART_COMMIT_ATTR, part_path
@@ -135,7 +136,7 @@ def test_two_processes_write_different_parts_concurrently(tmp_path):
         assert read["sample_id"] == sample["sample_id"]
         np.testing.assert_array_equal(read["topk_ids"], sample["topk_ids"])
         np.testing.assert_array_equal(read["teacher_input_ids"], sample["teacher_input_ids"])
-    cache.validate(deep=True)
+    validate_cache(cache, deep=True)
 
 
 def test_deleted_part_after_completion_fails_to_open(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache_schema import FORMAT_NAME, FORMAT_VERSION, open_cache, peek_cache_state
+from cache_schema import FORMAT_NAME, FORMAT_VERSION, cache_stats, open_cache, peek_cache_state, validate_cache
 from tests.cache_schema.sample_factory import NUM_RELATION_HEADS, TOP_K, VOCAB_SIZE, make_meta, make_parts, write_cache
 
 INT_KEYS = ("input_ids", "teacher_input_ids", "label_positions", "teacher_positions", "topk_ids")
@@ -41,7 +41,7 @@ def test_round_trip_three_ragged_parts(tmp_path, logprob_dtype):
     assert cache.num_teacher_tokens == sum(len(s["teacher_input_ids"]) for s in written)
     assert cache.num_label_positions == sum(len(s["label_positions"]) for s in written)
     assert not cache.has_relations
-    cache.validate(deep=True)
+    validate_cache(cache, deep=True)
 
 
 def test_meta_records_writer_fields(tmp_path):
@@ -67,7 +67,7 @@ def test_large_vocab_uses_uint32_ids(tmp_path):
     cache = open_cache(tmp_path / "cache")
     assert cache.meta["id_dtype"] == "uint32"
     assert cache[0]["input_ids"][1] == 151935
-    cache.validate()
+    validate_cache(cache)
 
 
 def test_read_range_and_iteration_cross_parts(tmp_path):
@@ -108,7 +108,7 @@ def test_relations_round_trip(tmp_path):
         assert read["relations"].shape == (3, NUM_RELATION_HEADS, n, n)
         np.testing.assert_array_equal(read["relations"], sample["relations"])
         assert_sample_equal(read, sample, "float16")
-    cache.validate()
+    validate_cache(cache)
 
 
 def test_relations_float16_round_trip(tmp_path):
@@ -117,14 +117,14 @@ def test_relations_float16_round_trip(tmp_path):
     cache = open_cache(tmp_path / "cache")
     expected = parts[0][1]["relations"].astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(cache[1]["relations"], expected)
-    cache.validate()
+    validate_cache(cache)
 
 
 def test_stats_counts_and_kept_mass(tmp_path):
     parts = make_parts(seed=7, part_sizes=[4, 3])
     write_cache(tmp_path / "cache", parts, logprob_dtype="float32")
     cache = open_cache(tmp_path / "cache")
-    stats = cache.stats()
+    stats = cache_stats(cache)
     written = [s for part in parts for s in part]
     kept = np.concatenate([np.exp(s["topk_logprobs"].astype(np.float64)).sum(axis=1) for s in written])
     assert stats["samples"] == 7 and stats["top_k"] == TOP_K
@@ -165,7 +165,7 @@ def test_samples_without_distilled_positions_round_trip(tmp_path):
     assert read["topk_ids"].shape == (0, TOP_K) and read["topk_logprobs"].shape == (0, TOP_K)
     assert read["relations"].shape == (3, NUM_RELATION_HEADS, 0, 0)
     assert_sample_equal(cache[2], parts[0][2], "float16")
-    cache.validate(deep=True)
+    validate_cache(cache, deep=True)
 
 
 def test_relations_spec_may_come_from_meta(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from cache_schema import CacheValidationError, open_cache
+from cache_schema import CacheValidationError, open_cache, validate_cache
 from cache_schema.format import part_path
 from tests.cache_schema.sample_factory import NUM_RELATION_HEADS, VOCAB_SIZE, make_parts, write_cache
 
@@ -15,7 +15,7 @@ from tests.cache_schema.sample_factory import NUM_RELATION_HEADS, VOCAB_SIZE, ma
 def cache_path(tmp_path):
     path = tmp_path / "cache"
     write_cache(path, make_parts(seed=40, part_sizes=[3, 2], min_pairs=2))
-    open_cache(path).validate(deep=True)  # the unmodified cache is valid
+    validate_cache(open_cache(path), deep=True)  # the unmodified cache is valid
     return path
 
 
@@ -81,9 +81,9 @@ def test_planted_fault_is_caught(cache_path, plant, message):
     row = plant(group)
     sample_id = _sample_of_row(group, row)
     cache = open_cache(cache_path)
-    cache.validate(deep=False)  # shallow checks read no sample values
+    validate_cache(cache, deep=False)  # shallow checks read no sample values
     with pytest.raises(CacheValidationError, match=message) as caught:
-        cache.validate(deep=True)
+        validate_cache(cache, deep=True)
     assert f"sample {sample_id!r}" in str(caught.value)
     assert "part 0: checksum mismatch" in str(caught.value)
 
@@ -95,25 +95,25 @@ def test_non_monotone_offsets_caught_by_shallow_validation(cache_path):
     cache = open_cache(cache_path)
     for deep in (False, True):
         with pytest.raises(CacheValidationError, match="part 0: token_offsets not monotone at sample 1 \\('p0-s1'\\)"):
-            cache.validate(deep=deep)
+            validate_cache(cache, deep=deep)
 
 
 def test_offsets_not_starting_at_zero(cache_path):
     group = _part0(cache_path)
     group["label_offsets"][0] = 1
     with pytest.raises(CacheValidationError, match="label_offsets starts at 1, not 0"):
-        open_cache(cache_path).validate(deep=False)
+        validate_cache(open_cache(cache_path), deep=False)
 
 
 def test_bad_relation_rows_caught(tmp_path):
     path = tmp_path / "cache"
     parts = make_parts(seed=41, part_sizes=[2], with_relations=True, min_pairs=2)
     write_cache(path, parts, relations={"layer": 1, "num_relation_heads": NUM_RELATION_HEADS})
-    open_cache(path).validate()
+    validate_cache(open_cache(path))
     group = _part0(path)
     group["relations"][0:4] = group["relations"][0:4] * 2  # first row of sample 0 no longer sums to 1
     with pytest.raises(CacheValidationError, match="sample 'p0-s0': relations rows do not sum to 1"):
-        open_cache(path).validate()
+        validate_cache(open_cache(path))
 
 
 def test_fp16_rounding_near_zero_is_tolerated(tmp_path):
@@ -124,4 +124,4 @@ def test_fp16_rounding_near_zero_is_tolerated(tmp_path):
     write_cache(path, parts)
     stored_max = open_cache(path)[0]["topk_logprobs"].max()
     assert stored_max == np.float32(np.float16(np.log(0.9999)))
-    open_cache(path).validate(deep=True)
+    validate_cache(open_cache(path), deep=True)

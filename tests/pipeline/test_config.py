@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from kd.config import Config
+from kd.errors import ConfigError
 from pipeline.cli import main as cli_main
-from pipeline.config import Config
 from pipeline.config_loader import REPO_CONFIGS_DIR, load_config
-from pipeline.errors import ConfigError
 
 SHIPPED = sorted(p.name for p in REPO_CONFIGS_DIR.glob("*.yaml"))
 STABLE_KEYS = ["teacher.model", "teacher.backend", "teacher.top_k", "student.model", "data.train",
@@ -83,6 +83,12 @@ ERROR_CASES = {
     "negative_lr": (None, "tiny", ["train.lr=-1"], "train.lr"),
     "nan_lr": (None, "tiny", ["train.lr=nan"], "train.lr"),
     "relations_with_vllm": (None, "tiny", ["teacher.attention.enabled=true"], "teacher.attention.enabled"),
+    # Refused here, not by the backend: each setting is checked once, in config validation.
+    "teacher_backend": (None, "tiny", ["teacher.backend=jax"], "teacher.backend: must be one of vllm, hf (got 'jax')"),
+    "teacher_dtype": (None, "tiny", ["teacher.dtype=float16"],
+                      "teacher.dtype: must be one of auto, bfloat16, float32 (got 'float16')"),
+    "relation_heads_zero": (None, "tiny", ["teacher.backend=hf", "teacher.attention.enabled=true",
+                                           "teacher.attention.num_heads=0"], "teacher.attention.num_heads: must be"),
     "eval_backend": (None, "tiny", ["eval.backend=tgi"], "eval.backend"),
     "eval_baseline": (None, "tiny", ["eval.baseline=dpo"], "eval.baseline"),
     "eval_step_zero": (None, "tiny", ["eval.steps=[0,50]"], "eval.steps"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kd.errors import ConfigError
 from pipeline.config_loader import load_config
-from pipeline.errors import ConfigError
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from kd.errors import UserError
 from pipeline.cli import main
 from pipeline.config_loader import load_config
-from pipeline.errors import UserError
 from pipeline.run_all import run_all
 
 SMALL = ["teacher.backend=hf", "data.max_samples=24", "cache.shard_size=12", "teacher.top_k=8",

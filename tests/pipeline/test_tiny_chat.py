@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from cache_schema import open_cache
+from kd.errors import UserError
 from pipeline.assets.tiny_chat import CHAT_DIR, build_files, read_task_rows
 from pipeline.config_loader import load_config
-from pipeline.errors import UserError
 from pipeline.run_all import run_all
 from stages.train_student import train_student
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.stages.train_helpers import DISTILL_STAGE_ONE, quiet
+from tests.helpers.train_helpers import DISTILL_STAGE_ONE, quiet
 
 
 @pytest.fixture(scope="session")

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from cache_schema import CacheMismatchError, open_cache, read_part_commit
+from cache_schema import CacheMismatchError, open_cache, read_part_commit, validate_cache
 from stages.cache_teacher import cache_teacher
-from tests.stages.stage_helpers import assert_caches_equal, tiny_config
+from tests.helpers.stage_helpers import assert_caches_equal, tiny_config
 
 
 def test_cache_is_complete_valid_and_described(tiny_hf_cache):
     cfg = tiny_hf_cache
     cache = open_cache(cfg.cache.path)
-    cache.validate(deep=True)
+    validate_cache(cache, deep=True)
     assert len(cache) == 24 and cache.meta["top_k"] == 8
     assert set(cache.meta["fingerprints"]) == {"teacher", "tokenizer", "data", "prompt"}
     assert cache.meta["num_parts"] == 3
@@ -140,7 +140,7 @@ def test_attention_relations_are_cached_with_the_hf_backend(tmp_path):
                       "teacher.attention.layer=-1", "teacher.attention.num_heads=4")
     cache_teacher(cfg, workers=0, progress=False, echo=lambda *_: None)
     cache = open_cache(cfg.cache.path)
-    cache.validate(deep=True)
+    validate_cache(cache, deep=True)
     assert cache.has_relations
     assert cache.meta["relations"]["layer"] == -1 and cache.meta["relations"]["num_relation_heads"] == 4
     for sample in cache:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache_schema import open_cache
+from cache_schema import open_cache, validate_cache
 from stages.cache_teacher import cache_teacher
-from tests.stages.stage_helpers import tiny_config
+from tests.helpers.stage_helpers import tiny_config
 
 LABEL_ATOL = 0.15        # nats
 PROB_ATOL = 0.06         # absolute probability, same token id
@@ -35,7 +35,7 @@ def vllm_and_hf_caches(tmp_path_factory):
 @pytest.mark.slow
 def test_vllm_cache_is_valid_and_aligned_like_hf(vllm_and_hf_caches):
     vllm_cache, hf_cache, summary = vllm_and_hf_caches
-    vllm_cache.validate(deep=True)
+    validate_cache(vllm_cache, deep=True)
     assert summary["backend"] == "vllm" and summary["samples"] == 16
     assert len(vllm_cache) == len(hf_cache)
     for a, b in zip(vllm_cache, hf_cache):

@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from kd.evaluation.report import accuracy_figure, loss_figure
 from pipeline.cli import main
 from pipeline.config_loader import load_config
 from pipeline.run_all import run_all
-from stages.eval_report import accuracy_figure, loss_figure
 
 EVAL_SMALL = ["teacher.backend=hf", "data.max_samples=40", "cache.shard_size=20", "teacher.top_k=8",
               "train.max_steps=4", "train.batch_size=8", "train.num_validation_samples=8", "train.eval_every=2",

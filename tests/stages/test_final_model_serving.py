@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from kd.data.prompting import answer_ids, prompt_ids
 from stages.cache_teacher import cache_teacher
-from stages.prompting import answer_ids, prompt_ids
 from stages.train_student import train_student
-from tests.stages.stage_helpers import tiny_config
+from tests.helpers.stage_helpers import tiny_config
 
 
 @pytest.mark.slow

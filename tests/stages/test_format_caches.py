@@ -11,11 +11,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from cache_schema import open_cache
+from kd.data.formats import read_records
 from pipeline.config_loader import ASSETS_DIR
 from pipeline.inspect import cache_summary, format_summary
 from stages.cache_teacher import cache_teacher
-from stages.data_formats import read_records
-from tests.stages.stage_helpers import tiny_config
+from tests.helpers.stage_helpers import tiny_config
 
 FORMATS_DIR = Path(__file__).resolve().parents[1] / "data" / "formats"
 

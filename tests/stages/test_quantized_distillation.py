@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from kd.errors import UserError
 from pipeline.cli import main
 from pipeline.config_loader import load_config
-from pipeline.errors import UserError
 from stages.cache_teacher import cache_teacher
-from stages.quantized_export import EXPORT_DIR, EXPORT_SUMMARY
+from stages.export import EXPORT_DIR, EXPORT_SUMMARY
 from stages.train_student import train_student
-from tests.stages.train_helpers import DISTILL_STAGE_ONE, quiet, train_records
+from tests.helpers.train_helpers import DISTILL_STAGE_ONE, quiet, train_records
 
 RELATIONS = ["teacher.attention.enabled=true", "teacher.attention.num_heads=4", "teacher.attention.layer=-1"]
 # The tiny student is already trained on the task and loses almost nothing to int4 (held-out KL 0.8469 full

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.stages.train_helpers import DISTILL_STAGE_ONE, train_records
+from tests.helpers.train_helpers import DISTILL_STAGE_ONE, train_records
 
 # distill_cache (tests/stages/conftest.py): stage one on these settings, once per session.
 STAGE_ONE = DISTILL_STAGE_ONE

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from stages.cache_teacher import cache_teacher
-from tests.stages.stage_helpers import tiny_config
-from tests.stages.train_helpers import train_records
+from tests.helpers.stage_helpers import tiny_config
+from tests.helpers.train_helpers import train_records
 
 STEPS = ["train.max_steps=60", "train.save_every=10", "train.eval_every=20", "train.log_every=1",
          "train.batch_size=8", "train.num_validation_samples=8", "student.lora.dropout=0.1"]

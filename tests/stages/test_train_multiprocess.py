@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stages import train_student as ts
-from tests.stages.train_helpers import FAST_TRAIN, quiet, random_world, train_records, world_config  # noqa: F401
+from tests.helpers.train_helpers import FAST_TRAIN, quiet, random_world, train_records, world_config  # noqa: F401
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kd.training.metrics import read_metrics
 from stages import train_student as ts
-from stages.train_metrics import read_metrics
-from tests.stages.train_helpers import quiet, random_world, train_records, world_config  # noqa: F401
+from tests.helpers.train_helpers import quiet, random_world, train_records, world_config  # noqa: F401
 
 
 def _trainable(path):

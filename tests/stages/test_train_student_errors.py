@@ -7,12 +7,19 @@ import shutil
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from kd.errors import UserError
+from kd.training.checkpoints import complete_checkpoints
 from stages import train_student as ts
-from stages.checkpoints import complete_checkpoints
-from tests.stages.teacher.tiny_teacher import build_tokenizer
-from tests.stages.train_helpers import (build_student, quiet, random_world, teacher_samples,  # noqa: F401
-                                        train_records, world_config, write_cache)
+from tests.helpers.tiny_teacher import build_tokenizer
+from tests.helpers.train_helpers import (  # noqa: F401
+    build_student,
+    quiet,
+    random_world,
+    teacher_samples,
+    train_records,
+    world_config,
+    write_cache,
+)
 
 
 def _refused(cfg, match: str, **kwargs) -> str:

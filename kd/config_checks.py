@@ -1,0 +1,174 @@
+"""Validation of a resolved :class:`kd.config.Config`: ranges, allowed values and combinations, in one place.
+
+Every set of allowed values is declared once, next to the code that implements it (the loss kinds in
+:mod:`kd.training.losses`, the backends in :mod:`kd.teacher.factory`, the student modes in
+:mod:`kd.student.modes`, ...), and checked here against that declaration. Lower layers may assert invariants
+but do not re-validate user input. Every failure is a one-line :class:`kd.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cache_schema.format import LOGPROB_DTYPES
+from kd.config import Config, DataConfig, EvalConfig, TrainConfig
+from kd.data.formats import DATA_FORMATS, DOCUMENT_FORMATS, ON_ERROR_POLICIES
+from kd.data.mixture import MIXTURE_UNITS
+from kd.errors import ConfigError
+from kd.evaluation.answers import ANSWER_FALLBACKS
+from kd.evaluation.baseline import EVAL_BASELINES
+from kd.evaluation.generation import EVAL_BACKENDS
+from kd.student.model import STUDENT_DTYPES
+from kd.student.modes import STUDENT_MODES
+from kd.student.quantized import QAT_ACTIVATIONS, QUANTIZED_EMBEDDING_MODES
+from kd.teacher.factory import TEACHER_BACKENDS
+from kd.teacher.types import LOGPROB_MODES, TEACHER_DTYPES
+from kd.training.losses import KD_KINDS, TOPK_HANDLINGS
+from kd.training.optimization import MIXED_PRECISION
+
+
+def _check(ok: bool, source: str, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(source, key, problem)
+
+
+def _one_of(value: str, allowed: tuple, source: str, key: str) -> None:
+    _check(value in allowed, source, key, f"must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _positive(value: float, source: str, key: str, allow_zero: bool = False) -> None:
+    finite = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = finite and (value >= 0 if allow_zero else value > 0)
+    _check(ok, source, key, f"must be a finite number {'>= 0' if allow_zero else '> 0'} (got {value!r})")
+
+
+def validate_config(cfg: Config, source: str = "<config>") -> Config:
+    """Check ranges, allowed values and combinations; raise ConfigError naming the key. Returns ``cfg``."""
+    t, s, d, c, tr = cfg.teacher, cfg.student, cfg.data, cfg.cache, cfg.train
+    _one_of(t.backend, TEACHER_BACKENDS, source, "teacher.backend")
+    _one_of(t.dtype, TEACHER_DTYPES, source, "teacher.dtype")
+    _one_of(t.logprob_mode, LOGPROB_MODES, source, "teacher.logprob_mode")
+    _positive(t.top_k, source, "teacher.top_k")
+    _positive(t.max_batch_tokens, source, "teacher.max_batch_tokens")
+    _positive(t.logprob_chunk, source, "teacher.logprob_chunk")
+    _positive(t.tensor_parallel_size, source, "teacher.tensor_parallel_size")
+    _check(0 < t.gpu_memory_utilization <= 1, source, "teacher.gpu_memory_utilization", "must be in (0, 1]")
+    if t.attention.enabled:
+        _check(t.backend == "hf", source, "teacher.attention.enabled",
+               "attention relations need teacher.backend=hf (vLLM exposes no attention)")
+        _positive(t.attention.num_heads, source, "teacher.attention.num_heads")
+    _one_of(s.mode, STUDENT_MODES, source, "student.mode")
+    _one_of(s.dtype, STUDENT_DTYPES, source, "student.dtype")
+    _positive(s.lora.r, source, "student.lora.r")
+    _positive(s.lora.alpha, source, "student.lora.alpha")
+    _check(0 <= s.lora.dropout < 1, source, "student.lora.dropout", "must be in [0, 1)")
+    _validate_quant(cfg, source)
+    _positive(d.num_fewshot, source, "data.num_fewshot", allow_zero=True)
+    _positive(d.max_seq_len, source, "data.max_seq_len")
+    if d.max_samples is not None:
+        _positive(d.max_samples, source, "data.max_samples")
+    _one_of(d.on_error, ON_ERROR_POLICIES, source, "data.on_error")
+    _validate_data_formats(d, source)
+    _positive(c.shard_size, source, "cache.shard_size")
+    _one_of(c.logprob_dtype, LOGPROB_DTYPES, source, "cache.logprob_dtype")
+    _validate_train(tr, source)
+    _validate_eval(cfg.eval, source)
+    return cfg
+
+
+def _validate_data_formats(d: DataConfig, source: str) -> None:
+    _one_of(d.format, DATA_FORMATS, source, "data.format")
+    has_mixture = bool(d.mixture) or d.mixture_file is not None
+    _check(not (d.mixture and d.mixture_file is not None), source, "data.mixture_file",
+           "give data.mixture or data.mixture_file, not both")
+    _check(d.train is not None or has_mixture, source, "data.train",
+           "required key is missing; set data.train (or data.mixture / data.mixture_file)")
+    _check(d.train is None or not has_mixture, source, "data.train",
+           "not used with a mixture; set data.train=null or drop the mixture")
+    for i, entry in enumerate(d.mixture):
+        key = f"data.mixture[{i}]"
+        _check(bool(entry.name.strip()) and not any(c.isspace() for c in entry.name), source, f"{key}.name",
+               f"must be a non-empty name without spaces (got {entry.name!r})")
+        _positive(entry.proportion, source, f"{key}.proportion", allow_zero=True)
+        if entry.format is not None:
+            _one_of(entry.format, DATA_FORMATS, source, f"{key}.format")
+    if d.mixture:
+        _check(sum(e.proportion for e in d.mixture) > 0, source, "data.mixture",
+               "proportions sum to 0; at least one must be > 0")
+    if has_mixture:
+        _check(d.mixture_budget is not None, source, "data.mixture_budget",
+               "required with a mixture: how many samples (or tokens, data.mixture_unit) to draw")
+        _positive(d.mixture_budget, source, "data.mixture_budget")
+    _one_of(d.mixture_unit, MIXTURE_UNITS, source, "data.mixture_unit")
+    if d.window_stride is not None:
+        _check(0 < d.window_stride <= d.max_seq_len, source, "data.window_stride",
+               f"must be in [1, data.max_seq_len={d.max_seq_len}] (got {d.window_stride})")
+    if d.format in DOCUMENT_FORMATS:
+        _check(d.num_fewshot == 0, source, "data.num_fewshot",
+               f"data.format={d.format} has no question/answer structure for worked examples; set 0")
+        _check(not d.teacher_system_prompt, source, "data.teacher_system_prompt",
+               f"data.format={d.format} has no conversation to put a system prompt in; drop it")
+
+
+def _validate_train(tr: TrainConfig, source: str) -> None:
+    _positive(tr.max_steps, source, "train.max_steps")
+    _positive(tr.batch_size, source, "train.batch_size")
+    _positive(tr.grad_accum, source, "train.grad_accum")
+    _positive(tr.lr, source, "train.lr")
+    for key in ("weight_decay", "max_grad_norm", "kd_weight", "ce_weight", "warmup_steps",
+                "eval_every", "save_every", "log_every", "num_validation_samples", "keep_checkpoints"):
+        _positive(getattr(tr, key), source, f"train.{key}", allow_zero=True)
+    _check(tr.kd_weight > 0 or tr.ce_weight > 0, source, "train.kd_weight",
+           "kd_weight and ce_weight are both 0: nothing to train on; set one of them > 0")
+    _one_of(tr.kd_kind, KD_KINDS, source, "train.kd_kind")
+    _check(0 <= tr.jsd_beta <= 1, source, "train.jsd_beta", f"must be in [0, 1] (got {tr.jsd_beta!r})")
+    _positive(tr.temperature, source, "train.temperature")
+    _check(tr.kd_kind != "mse_topk" or tr.temperature == 1.0, source, "train.temperature",
+           "kd_kind=mse_topk compares raw logits and takes no temperature; set train.temperature=1")
+    _one_of(tr.topk_handling, TOPK_HANDLINGS, source, "train.topk_handling")
+    _one_of(tr.mixed_precision, MIXED_PRECISION, source, "train.mixed_precision")
+    _positive(tr.logprob_chunk, source, "train.logprob_chunk")
+    for name, weight in tr.source_weights.items():
+        _positive(weight, source, f"train.source_weights.{name}", allow_zero=True)
+
+
+def _validate_eval(ev: EvalConfig, source: str) -> None:
+    _one_of(ev.backend, EVAL_BACKENDS, source, "eval.backend")
+    _positive(ev.max_new_tokens, source, "eval.max_new_tokens")
+    _positive(ev.batch_size, source, "eval.batch_size")
+    if ev.max_samples is not None:
+        _positive(ev.max_samples, source, "eval.max_samples")
+    for step in ev.steps:
+        _positive(step, source, "eval.steps")
+    _one_of(ev.baseline, EVAL_BASELINES, source, "eval.baseline")
+    _one_of(ev.answer_fallback, ANSWER_FALLBACKS, source, "eval.answer_fallback")
+
+
+def _validate_quant(cfg: Config, source: str) -> None:
+    """student.quant and the attention-relation term."""
+    q, tr = cfg.student.quant, cfg.train
+    _positive(q.group_size, source, "student.quant.group_size")
+    _one_of(q.activations, QAT_ACTIVATIONS, source, "student.quant.activations")
+    _check(not q.embedding or cfg.student.mode in QUANTIZED_EMBEDDING_MODES, source, "student.quant.embedding",
+           f"student.mode={cfg.student.mode} does not quantize the embedding; set student.quant.embedding=false "
+           "or student.mode=qat_int4 / qat_int4_lora")
+    _positive(tr.attention_weight, source, "train.attention_weight", allow_zero=True)
+    if tr.attention_weight > 0:
+        _check(cfg.teacher.attention.enabled, source, "train.attention_weight",
+               "the attention-relation term needs cached relations; set teacher.attention.enabled=true "
+               "(teacher.backend=hf) or train.attention_weight=0")
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    """A validated Config rebuilt from a :func:`kd.config.config_to_dict` snapshot (e.g. a run's run.json)."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or None
+        raise ConfigError(source, key, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    assert isinstance(cfg, Config)
+    return validate_config(cfg, source=source)

@@ -1,0 +1,1 @@
+"""Evaluation pieces: generation, answer extraction, metrics, the SFT baseline and the report files."""

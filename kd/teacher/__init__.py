@@ -1,0 +1,1 @@
+"""Teacher scoring: request/result types, one module per backend, and the factory (:mod:`kd.teacher.factory`)."""

@@ -1,0 +1,210 @@
+"""Teacher scoring with a transformers causal LM (also the only backend that captures attention relations).
+
+Per batch: run the base model (no lm_head) to get last hidden states [B, T, H], gather only the rows at the
+predicting positions tp - 1 of every request ([N, H]), then project them through the lm_head in chunks of
+`logprob_chunk` rows: fp32 logits -> log_softmax -> topk. The full [B, T, V] logit tensor is never built.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kd.config import TeacherConfig
+from kd.errors import TeacherConfigError
+from kd.relations import capture_projections, projection_modules, relation_matrices
+from kd.teacher.types import ScoreRequest, ScoreResult, check_top_k_fits, checked_request_arrays, empty_result
+
+# fp32 probe tolerance when checking that lm_head(+softcap) reproduces model(...).logits at load time.
+LOGIT_PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.05}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_hf_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy for a reference teacher)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+def length_sorted_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Group request indices, longest first, so that len(batch) * longest <= max_batch_tokens.
+
+    A single sequence longer than the budget forms a batch of its own (it is never cut).
+    """
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) + 1) * longest > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class HFTeacherBackend:
+    """TeacherBackend over transformers AutoModelForCausalLM (sdpa attention, eval, inference mode)."""
+
+    def __init__(self, teacher: TeacherConfig, *, device: str = "auto"):
+        from transformers import AutoModelForCausalLM
+
+        self.teacher = teacher
+        self.device = resolve_device(device)
+        self.dtype = resolve_hf_dtype(teacher.dtype, self.device)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                teacher.model, dtype=self.dtype, attn_implementation="sdpa"
+            )
+        except OSError as error:
+            raise TeacherConfigError(
+                f"teacher.model={teacher.model!r} cannot be loaded by transformers ({error}); point it at a "
+                "local model directory"
+            ) from error
+        self.model.to(self.device).eval()
+        self.decoder = self.model.get_decoder()
+        self.lm_head = self.model.get_output_embeddings()
+        self.vocab_size = int(self.lm_head.weight.shape[0])
+        self.top_k = teacher.top_k
+        check_top_k_fits(self.top_k, self.vocab_size, teacher.model)
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self.max_len = getattr(self.model.config, "max_position_embeddings", None)
+        self.relation_modules = None
+        if teacher.attention.enabled:
+            self.relation_modules = projection_modules(
+                self.model, teacher.attention.layer, teacher.attention.num_heads
+            )
+        self._check_logit_path()
+
+    def close(self) -> None:
+        self.model = self.decoder = self.lm_head = self.relation_modules = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _check_logit_path(self) -> None:
+        """Fail loudly if this architecture transforms logits in a way lm_head(+softcap) does not reproduce.
+
+        Some models scale logits inside forward (Cohere logit_scale, Granite logits_scaling); scoring them with
+        the plain lm_head would silently return wrong distributions.
+        """
+        probe = torch.arange(8, device=self.device).remainder(self.vocab_size).unsqueeze(0)  # [1, 8]
+        expected = self.model(input_ids=probe).logits.float()  # [1, 8, V]
+        hidden = self.decoder(input_ids=probe).last_hidden_state
+        actual = self._logits(hidden[0])
+        error = (expected[0] - actual).abs().max().item()
+        if error > LOGIT_PROBE_TOLERANCE.get(self.dtype, 0.1) * max(1.0, expected.abs().max().item()):
+            raise TeacherConfigError(
+                f"{type(self.model).__name__} ({self.teacher.model}) transforms its logits beyond lm_head and "
+                f"final_logit_softcapping (max deviation {error:.3g}); the hf teacher backend does not support it"
+            )
+
+    def _logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        """[N, H] hidden rows -> [N, V] fp32 logits (softcapping applied as the model's forward does)."""
+        logits = self.lm_head(hidden_rows).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        """Score requests in length-sorted batches; results come back in request order."""
+        if self.model is None:
+            raise RuntimeError("HFTeacherBackend.score called after close()")
+        checked = [checked_request_arrays(r, i, self.vocab_size, self.max_len) for i, r in enumerate(requests)]
+        results: list[ScoreResult | None] = [None] * len(requests)
+        # Tokens after max(tp) influence no requested distribution (causal); relations need the token at tp.
+        needed = [int(positions.max()) + 1 if positions.size else 0 for _, positions in checked]
+        for index, length in enumerate(needed):
+            if length == 0:
+                results[index] = empty_result(
+                    self.top_k, self.relation_modules is not None, self._relation_heads()
+                )
+        scored = [index for index, length in enumerate(needed) if length > 0]
+        for batch in length_sorted_batches([needed[i] for i in scored], self.teacher.max_batch_tokens):
+            indices = [scored[b] for b in batch]
+            batch_results = self._score_batch([checked[i] for i in indices], [needed[i] for i in indices])
+            for index, result in zip(indices, batch_results):
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _relation_heads(self) -> int:
+        return self.teacher.attention.num_heads if self.teacher.attention.enabled else 0
+
+    @torch.inference_mode()
+    def _score_batch(
+        self, arrays: list[tuple[np.ndarray, np.ndarray]], lengths: list[int]
+    ) -> list[ScoreResult]:
+        """One right-padded forward over `arrays` (ids [Tt], positions [n]) cut to `lengths` tokens each."""
+        batch_size, longest = len(arrays), max(lengths)
+        input_ids = torch.zeros((batch_size, longest), dtype=torch.long)  # [B, T]
+        attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)  # [B, T]
+        for row, ((ids, _), length) in enumerate(zip(arrays, lengths)):
+            input_ids[row, :length] = torch.from_numpy(ids[:length])
+            attention_mask[row, :length] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+
+        row_index = torch.cat([torch.full((p.size,), r, dtype=torch.long) for r, (_, p) in enumerate(arrays)])
+        target_pos = torch.from_numpy(np.concatenate([p for _, p in arrays])).long()  # [N] positions tp
+        row_index, target_pos = row_index.to(self.device), target_pos.to(self.device)
+
+        if self.relation_modules is None:
+            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            projections = None
+        else:
+            with capture_projections(self.relation_modules) as captured:
+                hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            projections = dict(captured)
+        predicting_rows = hidden[row_index, target_pos - 1]  # [N, H] rows at tp - 1
+        labels = input_ids[row_index, target_pos]  # [N]
+        topk_ids, topk_logprobs, label_logprobs = self._top_k_rows(predicting_rows, labels)
+
+        results = []
+        start = 0
+        for row, (_, positions) in enumerate(arrays):
+            stop = start + positions.size
+            relations = None
+            if projections is not None:
+                # answer tokens themselves (tp), fp32 so bf16 teachers still store fp32 relations
+                q, k, v = (
+                    projections[name][row, target_pos[start:stop]].float() for name in ("q_proj", "k_proj", "v_proj")
+                )
+                relations = relation_matrices(q, k, v, self.teacher.attention.num_heads).cpu().numpy()
+            results.append(
+                ScoreResult(
+                    topk_ids=topk_ids[start:stop],
+                    topk_logprobs=topk_logprobs[start:stop],
+                    label_logprobs=label_logprobs[start:stop],
+                    relations=relations,
+                )
+            )
+            start = stop
+        return results
+
+    def _top_k_rows(
+        self, hidden_rows: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[N, H] hidden rows + [N] labels -> (topk_ids [N, K] int64, topk_logprobs [N, K] f32, label [N] f32).
+
+        Chunks of `logprob_chunk` rows bound the fp32 [chunk, V] logits buffer.
+        """
+        ids_chunks, logprob_chunks, label_chunks = [], [], []
+        chunk = self.teacher.logprob_chunk
+        for start in range(0, hidden_rows.shape[0], chunk):
+            logprobs = torch.log_softmax(self._logits(hidden_rows[start : start + chunk]), dim=-1)  # [c, V]
+            values, ids = torch.topk(logprobs, self.top_k, dim=-1, sorted=True)  # [c, K]
+            label = logprobs.gather(1, labels[start : start + chunk, None]).squeeze(1)  # [c]
+            ids_chunks.append(ids.cpu())
+            logprob_chunks.append(values.cpu())
+            label_chunks.append(label.cpu())
+        return (
+            torch.cat(ids_chunks).numpy().astype(np.int64),
+            torch.cat(logprob_chunks).numpy().astype(np.float32),
+            torch.cat(label_chunks).numpy().astype(np.float32),
+        )

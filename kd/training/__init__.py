@@ -1,0 +1,1 @@
+"""Stage two's pieces: losses, the cache loader, optimization settings, checkpoints and metrics."""
