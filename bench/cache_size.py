@@ -1,7 +1,8 @@
-"""Cache size by K: bytes on disk per distilled token and per kept (id, logprob) entry, and the kept mass.
+"""Cache size by K and top-K encoding: bytes on disk per distilled token and per kept (id, logprob) entry, and
+the kept mass.
 
-One hf-scored cache per K in settings.top_ks over the same samples (the config's prompts and
-``cache.logprob_dtype``). Sizes are deterministic for given inputs, so there are no repeats; the cache build
+One hf-scored cache per K in settings.top_ks and per encoding (``plain``, ``compact``) over the same samples
+(the config's prompts and ``cache.logprob_dtype``). Sizes are deterministic for given inputs, so there are no repeats; the cache build
 time is recorded for information only. The kept mass Σ_k exp(topk_logprob) per position is the share of the
 teacher's probability the top-K keeps (1 − kept mass is the tail bucket).
 """
@@ -13,10 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.records import BenchResult
+from cache_schema import ENCODINGS
+
+from bench.records import BenchResult, ratio
 from bench.workspace import BenchSettings, bench_config, config_record
 
-TOPK_ARRAYS = ("topk_ids", "topk_logprobs")
+TOPK_ARRAYS = ("topk_ids", "topk_logprobs", "topk_id_deltas", "topk_logprob_codes", "topk_top_logprobs")
 
 
 def bytes_by_array(cache_path: str) -> dict[str, int]:
@@ -33,13 +36,13 @@ def bytes_by_array(cache_path: str) -> dict[str, int]:
     return dict(sorted(sizes.items()))
 
 
-def measure_top_k(settings: BenchSettings, top_k: int) -> dict[str, Any]:
+def measure_top_k(settings: BenchSettings, top_k: int, encoding: str = "plain") -> dict[str, Any]:
     from cache_schema import cache_stats, open_cache
     from stages.cache_teacher import cache_teacher
 
-    path = str(Path(settings.work_dir) / "cache_size" / f"k{top_k}")
+    path = str(Path(settings.work_dir) / "cache_size" / f"k{top_k}-{encoding}")
     cfg = bench_config(settings, "teacher.backend=hf", f"teacher.top_k={top_k}", f"cache.path={path}",
-                       f"data.max_samples={settings.cache_size_samples}")
+                       f"data.max_samples={settings.cache_size_samples}", f"cache.encoding={encoding}")
     started = time.perf_counter()
     cache_teacher(cfg, workers=0, overwrite=True, progress=False, echo=lambda *_: None)
     build_seconds = time.perf_counter() - started
@@ -48,7 +51,7 @@ def measure_top_k(settings: BenchSettings, top_k: int) -> dict[str, Any]:
     positions = stats["distilled_positions"]
     total = sum(arrays.values())
     topk_bytes = sum(arrays.get(name, 0) for name in TOPK_ARRAYS)
-    return {"top_k": top_k, "samples": stats["samples"], "distilled_positions": positions,
+    return {"top_k": top_k, "encoding": encoding, "samples": stats["samples"], "distilled_positions": positions,
             "student_tokens": stats["student_tokens"], "teacher_tokens": stats["teacher_tokens"],
             "logprob_dtype": stats["logprob_dtype"], "bytes_on_disk": total,
             "bytes_per_distilled_token": total / positions,
@@ -67,7 +70,9 @@ def run_cache_size(settings: BenchSettings) -> BenchResult:
         units={"bytes_per_distilled_token": "bytes on disk (all arrays and metadata) per distilled answer token",
                "bytes_per_student_token": "bytes on disk per student input token (prompt + answer)",
                "topk_bytes_per_distilled_token": "bytes of the topk_ids + topk_logprobs arrays per distilled token",
-               "bytes_per_kept_entry": "bytes of topk_ids + topk_logprobs per kept (id, logprob) entry",
+               "bytes_per_kept_entry": "bytes of the top-K arrays (plain: topk_ids + topk_logprobs; compact: "
+                                       "id deltas + logprob codes + row tops) per kept (id, logprob) entry",
+               "compact_over_plain": "compact / plain bytes per kept entry, per K",
                "bytes_per_kept_entry_all_arrays": "bytes on disk per kept entry, everything included",
                "bytes_by_array": "bytes on disk by array name, summed over parts",
                "kept_mass": "Σ_k exp(topk logprob) per distilled position: min, percentiles, max, mean",
@@ -75,6 +80,10 @@ def run_cache_size(settings: BenchSettings) -> BenchResult:
         notes=["Sizes are deterministic for given inputs: measured once per K (no repeats).",
                f"Compressed Zarr v3 on local disk; logprob dtype {cfg.cache.logprob_dtype}; raw (uncompressed) "
                "int32 id + fp16 logprob would be 6 bytes per entry."])
-    result.results = {str(k): measure_top_k(settings, k) for k in settings.top_ks}
+    result.results = {encoding: {str(k): measure_top_k(settings, k, encoding) for k in settings.top_ks}
+                      for encoding in ENCODINGS}
+    result.results["compact_over_plain"] = {
+        k: ratio(result.results["compact"][k]["bytes_per_kept_entry"], row["bytes_per_kept_entry"])
+        for k, row in result.results["plain"].items()}
     result.seconds = round(time.perf_counter() - started, 1)
     return result

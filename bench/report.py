@@ -59,12 +59,13 @@ def training_table(stage_two: dict[str, Any] | None, online: dict[str, Any] | No
 
 
 def cache_size_table(result: dict[str, Any]) -> list[str]:
-    lines = ["| cache: K | bytes / distilled token | top-K bytes / kept entry | kept mass median | p10 | p1 | min |",
-             "|---|---|---|---|---|---|---|"]
-    for k, r in result["results"].items():
-        m = r["kept_mass"]
-        lines.append(f"| {k} | {r['bytes_per_distilled_token']:.1f} | {r['bytes_per_kept_entry']:.2f} | "
-                     f"{m['median']:.4f} | {m['p10']:.4f} | {m['p1']:.4f} | {m['min']:.4f} |")
+    lines = ["| cache: K | encoding | bytes / distilled token | top-K bytes / kept entry | kept mass median | p10 "
+             "| p1 | min |", "|---|---|---|---|---|---|---|---|"]
+    for encoding in ("plain", "compact"):
+        for k, r in result["results"].get(encoding, {}).items():
+            m = r["kept_mass"]
+            lines.append(f"| {k} | {encoding} | {r['bytes_per_distilled_token']:.1f} | {r['bytes_per_kept_entry']:.2f} "
+                         f"| {m['median']:.4f} | {m['p10']:.4f} | {m['p1']:.4f} | {m['min']:.4f} |")
     return lines
 
 
@@ -74,7 +75,10 @@ def loader_table(result: dict[str, Any]) -> list[str]:
             f"| streaming loader alone | {_pm(r['loader']['samples_per_s'])} | {_pm(r['loader']['tokens_per_s'])} |",
             f"| consumed by KD training | {_pm(r['training']['samples_per_s'])} | "
             f"{_pm(r['training']['tokens_per_s'])} |",
-            f"| headroom (alone / consumed) | {_x(r['headroom']['samples'])} | {_x(r['headroom']['tokens'])} |"]
+            f"| headroom (alone / consumed) | {_x(r['headroom']['samples'])} | {_x(r['headroom']['tokens'])} |",
+            *([f"| loader alone, compact top-K encoding | {_pm(r['loader_compact']['samples_per_s'])} | "
+               f"{_pm(r['loader_compact']['tokens_per_s'])} |",
+               f"| compact / plain loader | {_x(r['compact_over_plain'])} | |"] if "loader_compact" in r else [])]
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:

@@ -71,7 +71,7 @@ def config_record(cfg: Config) -> dict[str, Any]:
     return config_to_dict(cfg)
 
 
-def training_cache(settings: BenchSettings, top_k: int | None = None) -> tuple[Config, str]:
+def training_cache(settings: BenchSettings, top_k: int | None = None, encoding: str = "plain") -> tuple[Config, str]:
     """(config, cache path) of the hf-scored cache stage two, online GKD and the loader read; built if absent.
 
     A complete cache with matching fingerprints is reused (stage one says "nothing to do").
@@ -81,9 +81,10 @@ def training_cache(settings: BenchSettings, top_k: int | None = None) -> tuple[C
 
     cfg = bench_config(settings)
     k = top_k or cfg.teacher.top_k
-    path = str(Path(settings.work_dir) / "caches" / f"train-k{k}")
+    suffix = "" if encoding == "plain" else f"-{encoding}"
+    path = str(Path(settings.work_dir) / "caches" / f"train-k{k}{suffix}")
     cfg = bench_config(settings, "teacher.backend=hf", f"teacher.top_k={k}", f"cache.path={path}",
-                       f"data.max_samples={settings.cache_samples}")
+                       f"data.max_samples={settings.cache_samples}", f"cache.encoding={encoding}")
     try:
         cache_teacher(cfg, workers=0, progress=False, echo=_quiet)
     except CacheMismatchError:  # another config's cache at the bench path: replace it (scratch space)

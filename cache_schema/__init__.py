@@ -6,6 +6,7 @@ See cache_schema/README.md for the format specification.
 from cache_schema.cache_state import peek_cache_state, read_part_commit
 from cache_schema.cache_stats import cache_stats
 from cache_schema.cache_validation import validate_cache
+from cache_schema.encoding import ENCODINGS, encoding_meta
 from cache_schema.fingerprints import file_fingerprint, json_fingerprint, samples_fingerprint, tokenizer_fingerprint
 from cache_schema.format import (
     FORMAT_NAME,
@@ -20,6 +21,7 @@ from cache_schema.reader import KDCache, open_cache
 from cache_schema.writer import CacheWriter, identity_differences, write_part
 
 __all__ = [
+    "ENCODINGS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "CacheError",
@@ -30,6 +32,7 @@ __all__ = [
     "IncompleteCacheError",
     "KDCache",
     "cache_stats",
+    "encoding_meta",
     "file_fingerprint",
     "identity_differences",
     "json_fingerprint",

@@ -14,13 +14,19 @@ if TYPE_CHECKING:
 _STATS_BLOCK_ROWS = 16 * fmt.LABEL_CHUNK  # whole chunks per read
 
 
-def kept_mass_per_position(cache: "KDCache") -> np.ndarray:
-    """Σ_k exp(topk_logprobs[i, k]) for every distilled position i of the cache, float32 [N]."""
+def kept_mass_per_position(cache: "KDCache", temperature: float = 1.0) -> np.ndarray:
+    """Σ_k p_τ(topk id k) for every distilled position i of the cache, float32 [N]: the teacher's mass on its
+    top-K at ``temperature`` (1, or one of the cache's ``tempered_temperatures``; exact through the stored
+    log-normalizers)."""
+    column = None if temperature == 1.0 else cache.tempered_temperatures.index(temperature)
     masses = []
     for part in cache.parts:
-        logprobs = part.arrays[fmt.TOPK_LOGPROBS]
-        for start in range(0, logprobs.shape[0], _STATS_BLOCK_ROWS):
-            rows = logprobs[start : start + _STATS_BLOCK_ROWS].astype(np.float64)
+        num_rows = part.arrays[fmt.LABEL_LOGPROBS].shape[0]
+        for start in range(0, num_rows, _STATS_BLOCK_ROWS):
+            rows = part.read_topk(start, start + _STATS_BLOCK_ROWS)[1].astype(np.float64)  # [r, K] decoded
+            if column is not None:
+                normalizers = part.arrays[fmt.LOG_NORMALIZERS][start : start + _STATS_BLOCK_ROWS, column]  # [r]
+                rows = rows / temperature - normalizers.astype(np.float64)[:, None]
             masses.append(np.exp(rows).sum(axis=1).astype(np.float32))
     return np.concatenate(masses) if masses else np.zeros(0, dtype=np.float32)
 
@@ -57,6 +63,15 @@ def per_source(cache: "KDCache") -> dict[str, dict[str, int]] | None:
     return table
 
 
+def _topk_bytes(cache: "KDCache") -> int:
+    """Bytes on disk of the arrays that hold the top-K rows (ids + logprobs, whatever the encoding)."""
+    names = cache.dtypes.array_names()
+    topk = [n for n in names if n in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES,
+                                      fmt.TOPK_TOP_LOGPROBS)]
+    return sum(f.stat().st_size for part in cache.parts for name in topk
+               for f in (cache.path / fmt.part_path(part.part_id) / name).rglob("*") if f.is_file())
+
+
 def cache_stats(cache: "KDCache") -> dict[str, Any]:
     """Counts, storage size and the kept-mass distribution (1 − kept mass is the tail the cache drops)."""
     bytes_on_disk = cache.bytes_on_disk()
@@ -70,9 +85,14 @@ def cache_stats(cache: "KDCache") -> dict[str, Any]:
         "top_k": cache.top_k,
         "vocab_size": cache.vocab_size,
         "logprob_dtype": cache.meta["logprob_dtype"],
+        "encoding": cache.dtypes.topk_encoding["name"],
+        "bytes_per_kept_entry": _topk_bytes(cache) / (positions * cache.top_k) if positions else None,
         "has_relations": cache.has_relations,
         "bytes_on_disk": bytes_on_disk,
         "bytes_per_position": bytes_on_disk / positions if positions else None,
         "kept_mass": _distribution(kept_mass_per_position(cache)),
+        "temperatures": list(cache.temperatures),
+        "tempered_kept_mass": {f"{tau:g}": _distribution(kept_mass_per_position(cache, tau))
+                               for tau in cache.tempered_temperatures},
         "sources": per_source(cache),
     }

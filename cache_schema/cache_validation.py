@@ -56,7 +56,7 @@ def _offset_problems(part: "PartView") -> list[str]:
         (fmt.SAMPLE_ID_OFFSETS, part.arrays[fmt.SAMPLE_ID_OFFSETS][:], fmt.SAMPLE_ID_BYTES),
         (fmt.TOKEN_OFFSETS, part.offsets.tokens, fmt.INPUT_IDS),
         (fmt.TEACHER_TOKEN_OFFSETS, part.offsets.teacher_tokens, fmt.TEACHER_INPUT_IDS),
-        (fmt.LABEL_OFFSETS, part.offsets.labels, fmt.TOPK_LOGPROBS),
+        (fmt.LABEL_OFFSETS, part.offsets.labels, fmt.LABEL_LOGPROBS),
     ]
     if part.offsets.relations is not None:
         checks.append((fmt.RELATION_OFFSETS, part.offsets.relations, fmt.RELATIONS))
@@ -71,9 +71,11 @@ def _offset_problems(part: "PartView") -> list[str]:
             problems.append(f"{where} not monotone at sample {s} ({sample_id!r}): {offsets[s]} -> {offsets[s + 1]}")
         if offsets[-1] != part.arrays[flat_name].shape[0]:
             problems.append(f"{where} ends at {offsets[-1]} but {flat_name} has {part.arrays[flat_name].shape[0]} rows")
-    for name in (fmt.LABEL_POSITIONS, fmt.TEACHER_POSITIONS, fmt.LABEL_LOGPROBS, fmt.TOPK_IDS):
-        if part.arrays[name].shape[0] != part.arrays[fmt.TOPK_LOGPROBS].shape[0]:
-            problems.append(f"part {part.part_id}: {name} length differs from {fmt.TOPK_LOGPROBS}")
+    label_arrays = (fmt.LABEL_POSITIONS, fmt.TEACHER_POSITIONS, fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.LOG_NORMALIZERS,
+                    fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES, fmt.TOPK_TOP_LOGPROBS)
+    for name in (name for name in label_arrays if name in part.arrays):
+        if part.arrays[name].shape[0] != part.arrays[fmt.LABEL_LOGPROBS].shape[0]:
+            problems.append(f"part {part.part_id}: {name} length differs from {fmt.LABEL_LOGPROBS}")
     return problems
 
 
@@ -110,7 +112,7 @@ def _deep_part(cache: "KDCache", part: "PartView", global_start: int, log: _Prob
                 log.add(f"part {part.part_id} sample {sample['sample_id']!r}: {problem}")
             if log.full:
                 return
-    checksum = part_checksum(part.arrays, cache.has_relations, has_sources=cache.has_sources)
+    checksum = part_checksum(part.arrays, cache.dtypes.array_names())
     if checksum != part.commit["checksum"]:
         log.add(f"part {part.part_id}: checksum mismatch (stored arrays changed after commit)")
 

@@ -1,4 +1,4 @@
-"""Constants of the kd-topk-cache format (version 2) and its error classes.
+"""Constants of the kd-topk-cache format (version 3) and its error classes.
 
 Everything a writer and a reader must agree on lives here: the format name and version, the names of the
 root/part metadata keys, the names and storage dtypes of the per-part arrays, chunk sizes and the numeric
@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 FORMAT_NAME = "kd-topk-cache"
-FORMAT_VERSION = 2
-# Version history: 1 = no per-sample source; 2 = optional root `sources` + per-part `source_index` (README).
+FORMAT_VERSION = 3
+# Version history: 1 = no per-sample source; 2 = optional root `sources` + per-part `source_index`;
+# 3 = root `temperatures` + per-part `log_normalizers` for the temperatures other than 1; root `encoding`
+#     (`plain` top-K arrays, or `compact`: sorted id deltas + 8-bit logprob codes) (README).
 
 # Root group layout: attributes hold the metadata, `parts/<part_id>` holds one sub-group per part.
 PARTS_GROUP = "parts"
@@ -32,6 +34,8 @@ WRITER_KEYS = (
     "logprob_dtype",
     "label_logprob_dtype",
     "relations",
+    "temperatures",
+    "encoding",
     "index",
 )
 REQUIRED_META_KEYS = ("fingerprints", "logprob_mode", "config")
@@ -53,9 +57,17 @@ TEACHER_POSITIONS = "teacher_positions"  # int32 [N]
 LABEL_LOGPROBS = "label_logprobs"  # float32 [N]
 TOPK_IDS = "topk_ids"  # id_dtype [N, K]
 TOPK_LOGPROBS = "topk_logprobs"  # logprob_dtype [N, K]
+# Encoding `compact` (version 3) stores these three instead of topk_ids / topk_logprobs (cache_schema/encoding.py):
+TOPK_ID_DELTAS = "topk_id_deltas"  # uint32 [N, K]: ids sorted ascending, differences (first id as is)
+TOPK_LOGPROB_CODES = "topk_logprob_codes"  # uint8 [N, K]: ceil((top - lp) / step), same order as the ids
+TOPK_TOP_LOGPROBS = "topk_top_logprobs"  # float32 [N]: each row's largest logprob, exact
 RELATION_OFFSETS = "relation_offsets"  # int64 [S+1] into relations (element offsets)
 RELATIONS = "relations"  # relations_dtype [Σ 3·A_r·n²], sample s reshaped to [3, A_r, n, n]
 SOURCE_INDEX = "source_index"  # int32 [S]: index into the root metadata's `sources` (version 2, optional)
+# float32 [N, M]: column m = log Σ_v p_v^(1/τ_m) over the teacher's full vocabulary, for the M temperatures of
+# the root `temperatures` other than 1 (version 3; absent when M = 0). The tempered top-K logprobs are
+# topk_logprobs / τ_m − log_normalizers[:, m], and the tempered tail mass is one minus their exp-sum: exact.
+LOG_NORMALIZERS = "log_normalizers"
 
 OFFSET_ARRAYS = (SAMPLE_ID_OFFSETS, TOKEN_OFFSETS, TEACHER_TOKEN_OFFSETS, LABEL_OFFSETS)
 RELATION_KINDS = ("qq", "kk", "vv")
@@ -74,11 +86,15 @@ SAMPLE_KEYS = (
 RELATIONS_KEY = "relations"
 SOURCE_KEY = "source"  # a sample's source name (str), present exactly when the cache records sources
 SOURCES_META_KEY = "sources"  # root metadata: list of source names, or absent/null (no per-sample source)
+LOG_NORMALIZERS_KEY = "log_normalizers"  # a sample's [n, M] normalizers, present exactly when M > 0
+ENCODING_META_KEY = "encoding"  # root metadata (version 3): {"name": "plain" | "compact", ...its parameters}
+TEMPERATURES_META_KEY = "temperatures"  # root metadata (version 3): the τ the cache can temper exactly, 1.0 first
 
 OFFSET_DTYPE = np.dtype("int64")
 POSITION_DTYPE = np.dtype("int32")
 SOURCE_INDEX_DTYPE = np.dtype("int32")
 LABEL_LOGPROB_DTYPE = np.dtype("float32")
+LOG_NORMALIZER_DTYPE = np.dtype("float32")
 LOGPROB_DTYPES = ("float16", "float32")  # zarr has no bfloat16
 
 # Chunk lengths along the flat axes: one topk chunk is 256 KiB at K=64/fp16; a sample read touches
@@ -93,6 +109,8 @@ ZSTD_LEVEL = 3
 MAX_LOGPROB = 1e-3
 KEPT_MASS_TOLERANCE = {"float16": 4e-3, "float32": 1e-3}
 RELATION_ROW_SUM_TOLERANCE = {"float16": 1e-2, "float32": 1e-3}
+# log Σ p^(1/τ) is ≥ 0 for τ > 1 and ≤ 0 for τ < 1 (Σ p = 1); fp32 rounding of the sum may cross 0 by this much.
+LOG_NORMALIZER_SIGN_TOLERANCE = 1e-4
 
 
 class CacheError(ValueError):
@@ -113,6 +131,29 @@ class CacheValidationError(CacheError):
 
 class CacheMismatchError(CacheError):
     """An existing cache was made from other inputs (fingerprints, top_k, layout) than requested."""
+
+
+def cache_temperatures(meta: dict) -> tuple[float, ...]:
+    """The temperatures a cache can temper exactly, 1.0 first. Versions 1 and 2 stored none: (1.0,)."""
+    return tuple(float(t) for t in meta.get(TEMPERATURES_META_KEY) or (1.0,))
+
+
+def tempered_temperatures(meta: dict) -> tuple[float, ...]:
+    """The cache's temperatures other than 1, in the order of the columns of ``log_normalizers``."""
+    return tuple(t for t in cache_temperatures(meta) if t != 1.0)
+
+
+def normalized_temperatures(temperatures) -> list[float]:
+    """A writer's ``temperatures`` argument as stored: 1.0 first, then the others ascending, no repeats.
+
+    Raises CacheError for a value that is not a finite number > 0.
+    """
+    values = []
+    for value in temperatures:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+            raise CacheError(f"cache temperatures must be finite numbers > 0, got {value!r}")
+        values.append(float(value))
+    return [1.0] + sorted(set(values) - {1.0})
 
 
 def id_dtype_for_vocab(vocab_size: int) -> np.dtype:

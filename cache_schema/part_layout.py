@@ -4,7 +4,7 @@ symmetric), plus the part checksum recorded in the commit record.
 A part with S samples, N distilled positions in total and top-K width K stores (see format.py for names):
   *_offsets [S+1] (int64, CSR) and flat arrays: input_ids [ΣT], teacher_input_ids [ΣTt], label_positions,
   teacher_positions, label_logprobs [N], topk_ids, topk_logprobs [N, K], sample_id_bytes [Σ bytes] and,
-  with relations, relations [Σ 3·A_r·n²].
+  with relations, relations [Σ 3·A_r·n²]; with M temperatures other than 1 (version 3), log_normalizers [N, M].
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cache_schema import format as fmt
+from cache_schema.encoding import cache_encoding, encode_rows, topk_array_names
 
 _ID_BYTES_CHUNK = 1 << 20
 
@@ -33,6 +34,19 @@ class StorageDtypes:
     num_relation_heads: int | None
     sources: tuple[str, ...] | None = None
     """Source names of the cache (root ``sources``); None: samples carry no source and there is no source_index."""
+    tempered: tuple[float, ...] = ()
+    """The cache's temperatures other than 1 (one ``log_normalizers`` column each); () means no such array."""
+    encoding: dict[str, Any] | None = None
+    """The cache's top-K encoding record (cache_schema/encoding.py); None means ``plain``."""
+
+    @property
+    def topk_encoding(self) -> dict[str, Any]:
+        return self.encoding or {"name": "plain"}
+
+    def array_names(self) -> tuple[str, ...]:
+        """Every array a part of this cache has, in the fixed write / checksum order."""
+        return array_order(self.relations is not None, self.sources is not None, bool(self.tempered),
+                           topk_array_names(self.topk_encoding))
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "StorageDtypes":
@@ -45,11 +59,15 @@ class StorageDtypes:
             relations=np.dtype(relations["dtype"]) if relations else None,
             num_relation_heads=int(relations["num_relation_heads"]) if relations else None,
             sources=tuple(meta[fmt.SOURCES_META_KEY]) if meta.get(fmt.SOURCES_META_KEY) else None,
+            tempered=fmt.tempered_temperatures(meta),
+            encoding=cache_encoding(meta),
         )
 
 
-def array_order(has_relations: bool, has_sources: bool = False) -> tuple[str, ...]:
-    """Names of a part's arrays in the fixed order used for writing and checksumming."""
+def array_order(has_relations: bool, has_sources: bool = False, has_normalizers: bool = False,
+                topk_arrays: tuple[str, ...] = (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS)) -> tuple[str, ...]:
+    """Names of a part's arrays in the fixed order used for writing and checksumming (``topk_arrays``: those
+    of the cache's encoding, in place of topk_ids / topk_logprobs)."""
     names = (
         fmt.SAMPLE_ID_OFFSETS,
         fmt.SAMPLE_ID_BYTES,
@@ -61,19 +79,20 @@ def array_order(has_relations: bool, has_sources: bool = False) -> tuple[str, ..
         fmt.LABEL_POSITIONS,
         fmt.TEACHER_POSITIONS,
         fmt.LABEL_LOGPROBS,
-        fmt.TOPK_IDS,
-        fmt.TOPK_LOGPROBS,
+        *topk_arrays,
     )
     return (names + ((fmt.RELATION_OFFSETS, fmt.RELATIONS) if has_relations else ())
-            + ((fmt.SOURCE_INDEX,) if has_sources else ()))
+            + ((fmt.SOURCE_INDEX,) if has_sources else ()) + ((fmt.LOG_NORMALIZERS,) if has_normalizers else ()))
 
 
 def chunk_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Chunk shape of an array: offsets in one chunk (read whole at open), flat axes in fixed-size chunks."""
     if name in fmt.OFFSET_ARRAYS or name in (fmt.RELATION_OFFSETS, fmt.SOURCE_INDEX):
         return (max(1, shape[0]),)
-    if name in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS):
+    if name in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.LOG_NORMALIZERS, fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES):
         return (fmt.LABEL_CHUNK, shape[1])
+    if name == fmt.TOPK_TOP_LOGPROBS:
+        return (fmt.LABEL_CHUNK,)
     if name == fmt.SAMPLE_ID_BYTES:
         return (_ID_BYTES_CHUNK,)
     if name == fmt.RELATIONS:
@@ -108,13 +127,17 @@ def pack_samples(samples: Sequence[Mapping[str, Any]], dtypes: StorageDtypes, to
         fmt.LABEL_POSITIONS: _concat([s["label_positions"] for s in samples], dtypes.positions),
         fmt.TEACHER_POSITIONS: _concat([s["teacher_positions"] for s in samples], dtypes.positions),
         fmt.LABEL_LOGPROBS: _concat([s["label_logprobs"] for s in samples], dtypes.label_logprobs),
-        fmt.TOPK_IDS: _concat([s["topk_ids"] for s in samples], dtypes.ids, (top_k,)),
-        fmt.TOPK_LOGPROBS: _concat([s["topk_logprobs"] for s in samples], dtypes.logprobs, (top_k,)),
+        **encode_rows(_concat([s["topk_ids"] for s in samples], np.int64, (top_k,)),
+                      _concat([s["topk_logprobs"] for s in samples], np.float64, (top_k,)),  # one rounding
+                      dtypes.topk_encoding, dtypes.ids, dtypes.logprobs),
     }
     if dtypes.relations is not None:
         flat = [np.asarray(s[fmt.RELATIONS_KEY]).reshape(-1) for s in samples]
         packed[fmt.RELATION_OFFSETS] = _offsets([f.size for f in flat])
         packed[fmt.RELATIONS] = _concat(flat, dtypes.relations)
+    if dtypes.tempered:
+        packed[fmt.LOG_NORMALIZERS] = _concat([s[fmt.LOG_NORMALIZERS_KEY] for s in samples], fmt.LOG_NORMALIZER_DTYPE,
+                                              (len(dtypes.tempered),))
     if dtypes.sources is not None:
         position = {name: i for i, name in enumerate(dtypes.sources)}
         packed[fmt.SOURCE_INDEX] = np.asarray([position[s[fmt.SOURCE_KEY]] for s in samples],
@@ -122,15 +145,15 @@ def pack_samples(samples: Sequence[Mapping[str, Any]], dtypes: StorageDtypes, to
     return packed
 
 
-def part_checksum(arrays: Mapping[str, Any], has_relations: bool, block_rows: int = 1 << 16,
-                  has_sources: bool = False) -> str:
-    """sha256 (hex) over every array's name, dtype, shape and little-endian bytes, in array_order().
+def part_checksum(arrays: Mapping[str, Any], names: Sequence[str], block_rows: int = 1 << 16) -> str:
+    """sha256 (hex) over every array's name, dtype, shape and little-endian bytes, in the order of ``names``
+    (``StorageDtypes.array_names()``).
 
     `arrays` maps names to numpy arrays (writer) or zarr arrays (validation); rows are hashed in blocks so
     a large part never has to be in memory at once.
     """
     digest = hashlib.sha256()
-    for name in array_order(has_relations, has_sources):
+    for name in names:
         array = arrays[name]
         little = np.dtype(array.dtype).newbyteorder("<")
         digest.update(f"{name}:{little.str}:{tuple(array.shape)};".encode("utf-8"))
@@ -166,7 +189,7 @@ def split_block(
     """Cut the flat arrays read for local samples [first, stop) of a part into per-sample dicts.
 
     `block[name]` holds the rows offsets[first]:offsets[stop] of each flat array. Returned arrays: ids and
-    positions int64, logprobs and relations float32; relations [3, A_r, n, n].
+    positions int64, logprobs, relations and log_normalizers float32; relations [3, A_r, n, n].
     """
     samples = []
     for s in range(first, stop):
@@ -181,6 +204,8 @@ def split_block(
             "topk_logprobs": block[fmt.TOPK_LOGPROBS][labels[0] : labels[1]].astype(np.float32),
             "label_logprobs": block[fmt.LABEL_LOGPROBS][labels[0] : labels[1]].astype(np.float32),
         }
+        if fmt.LOG_NORMALIZERS in block:
+            sample[fmt.LOG_NORMALIZERS_KEY] = block[fmt.LOG_NORMALIZERS][labels[0] : labels[1]].astype(np.float32)
         if offsets.relations is not None:
             n = sample["label_positions"].shape[0]
             flat = _rows(block[fmt.RELATIONS], offsets.relations, first, s).astype(np.float32)

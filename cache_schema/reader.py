@@ -25,7 +25,8 @@ except ImportError:  # pragma: no cover - a future zarr that moved it; sequentia
 
 from cache_schema import format as fmt
 from cache_schema.cache_state import peek_cache_state, read_part_commit
-from cache_schema.part_layout import PartOffsets, StorageDtypes, array_order, decode_sample_ids, split_block
+from cache_schema.encoding import decode_rows, topk_array_names
+from cache_schema.part_layout import PartOffsets, StorageDtypes, decode_sample_ids, split_block
 
 _ITER_BLOCK = 256  # samples per read when iterating: amortizes chunk decoding across neighbours
 _FLAT_BY_OFFSETS = {
@@ -36,7 +37,11 @@ _FLAT_BY_OFFSETS = {
     fmt.LABEL_LOGPROBS: "labels",
     fmt.TOPK_IDS: "labels",
     fmt.TOPK_LOGPROBS: "labels",
+    fmt.TOPK_ID_DELTAS: "labels",
+    fmt.TOPK_LOGPROB_CODES: "labels",
+    fmt.TOPK_TOP_LOGPROBS: "labels",
     fmt.RELATIONS: "relations",
+    fmt.LOG_NORMALIZERS: "labels",
 }
 
 
@@ -51,14 +56,30 @@ class PartView:
     commit: dict[str, Any]
     sources: list[str] | None = None
     """Source name of each local sample (format version 2 caches that record sources), else None."""
+    dtypes: StorageDtypes | None = None
+    """The cache's storage layout (its top-K encoding decides which arrays hold the top-K rows)."""
+    vocab_size: int = 0
 
     def read_block(self, first: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows of every flat array covering local samples [first, stop), one contiguous slice each."""
+        """Rows of every flat array covering local samples [first, stop), one contiguous slice each; the top-K
+        rows decoded to ``topk_ids`` / ``topk_logprobs`` whatever the encoding."""
         slices = {}
         for name, offsets_name in _FLAT_BY_OFFSETS.items():
             bounds = getattr(self.offsets, offsets_name)
-            if bounds is not None:
+            if bounds is not None and name in self.arrays:
                 slices[name] = slice(int(bounds[first]), int(bounds[stop]))
+        return self._decoded(self._read(slices))
+
+    def read_topk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded top-K rows [start, stop) of the part's N axis: (ids [r, K] int64, logprobs [r, K] float32)."""
+        block = self._decoded(self._read({name: slice(start, stop) for name in self._topk_names()}))
+        return block[fmt.TOPK_IDS], block[fmt.TOPK_LOGPROBS]
+
+    def _topk_names(self) -> tuple[str, ...]:
+        names = (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES, fmt.TOPK_TOP_LOGPROBS)
+        return tuple(name for name in names if name in self.arrays)
+
+    def _read(self, slices: dict[str, slice]) -> dict[str, np.ndarray]:
         if _run_on_zarr_loop is None:
             return {name: self.arrays[name][rows] for name, rows in slices.items()}
 
@@ -66,6 +87,13 @@ class PartView:
             return await asyncio.gather(*(self.arrays[name].async_array.getitem(rows) for name, rows in slices.items()))
 
         return dict(zip(slices, _run_on_zarr_loop(read_all()), strict=True))
+
+    def _decoded(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        encoding = self.dtypes.topk_encoding if self.dtypes is not None else {"name": "plain"}
+        if encoding["name"] == "plain":
+            return block
+        ids, logprobs = decode_rows(block, encoding, self.vocab_size, f"part {self.part_id}")
+        return {**block, fmt.TOPK_IDS: ids, fmt.TOPK_LOGPROBS: logprobs}
 
 
 def _check_header(path: Path) -> dict[str, Any]:
@@ -105,16 +133,17 @@ def _part_sources(where: str, arrays: dict[str, zarr.Array], num_samples: int,
     return [names[int(i)] for i in index]
 
 
-def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: bool,
+def _open_part(path: Path, part_id: int, entry: dict[str, Any], dtypes: StorageDtypes, vocab_size: int,
                sources: list[str] | None = None) -> PartView:
     """Open one part and check it against its index entry; CacheFormatError on any disagreement."""
+    has_relations, num_tempered = dtypes.relations is not None, len(dtypes.tempered)
     commit = read_part_commit(path, part_id)
     where = f"{path}: part {part_id}"
     if commit is None or commit != entry:
         raise fmt.CacheFormatError(f"{where}: commit record {commit!r} disagrees with the index entry {entry!r}")
     group = zarr.open_group(store=str(path / fmt.part_path(part_id)), mode="r", zarr_format=3)
     try:
-        arrays = {name: group[name] for name in array_order(has_relations, sources is not None)}
+        arrays = {name: group[name] for name in dtypes.array_names()}
     except KeyError as error:
         raise fmt.CacheFormatError(f"{where}: array {error} is missing; the cache is corrupt, rebuild it") from None
     loaded = {name: arrays[name][:] for name in fmt.OFFSET_ARRAYS}
@@ -126,11 +155,15 @@ def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: b
         fmt.LABEL_POSITIONS: entry["num_label_positions"],
         fmt.TEACHER_POSITIONS: entry["num_label_positions"],
         fmt.LABEL_LOGPROBS: entry["num_label_positions"],
-        fmt.TOPK_IDS: entry["num_label_positions"],
-        fmt.TOPK_LOGPROBS: entry["num_label_positions"],
+        **{name: entry["num_label_positions"] for name in topk_array_names(dtypes.topk_encoding)},
     }
     if has_relations:
         expected_lengths[fmt.RELATIONS] = entry["num_relation_values"]
+    if num_tempered:
+        expected_lengths[fmt.LOG_NORMALIZERS] = entry["num_label_positions"]
+        if arrays[fmt.LOG_NORMALIZERS].shape[1:] != (num_tempered,):
+            raise fmt.CacheFormatError(f"{where}: {fmt.LOG_NORMALIZERS} has shape {arrays[fmt.LOG_NORMALIZERS].shape}, "
+                                       f"expected [N, {num_tempered}] (one column per temperature other than 1)")
     for name, offsets in list(loaded.items()) + ([(fmt.RELATION_OFFSETS, relation_offsets)] if has_relations else []):
         if offsets.shape != (entry["num_samples"] + 1,):
             raise fmt.CacheFormatError(
@@ -147,7 +180,7 @@ def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: b
     )
     sample_ids = decode_sample_ids(loaded[fmt.SAMPLE_ID_OFFSETS], arrays[fmt.SAMPLE_ID_BYTES][:])
     part_sources = _part_sources(where, arrays, entry["num_samples"], sources)
-    return PartView(part_id, arrays, offsets, sample_ids, commit, part_sources)
+    return PartView(part_id, arrays, offsets, sample_ids, commit, part_sources, dtypes, vocab_size)
 
 
 def open_cache(path: str | os.PathLike) -> "KDCache":
@@ -160,9 +193,10 @@ def open_cache(path: str | os.PathLike) -> "KDCache":
         raise fmt.CacheFormatError(
             f"{root}: index lists {len(entries or [])} parts, metadata says {meta.get('num_parts')}"
         )
-    has_relations = bool(meta.get("relations"))
     sources = meta.get(fmt.SOURCES_META_KEY) or None  # absent in version-1 caches
-    parts = [_open_part(root, part_id, entry, has_relations, sources) for part_id, entry in enumerate(entries)]
+    dtypes = StorageDtypes.from_meta(meta)  # CacheFormatError for an encoding this code cannot read
+    parts = [_open_part(root, part_id, entry, dtypes, int(meta["vocab_size"]), sources)
+             for part_id, entry in enumerate(entries)]
     return KDCache(root, meta, parts)
 
 
@@ -171,7 +205,8 @@ class KDCache:
 
     `cache[i]` is a dict with sample_id (str), input_ids [T], teacher_input_ids [Tt], label_positions [n],
     teacher_positions [n] (int64), topk_ids [n, K] (int64), topk_logprobs [n, K], label_logprobs [n]
-    (float32), when `has_relations`, relations [3, A_r, n, n] (float32), and when `has_sources`, source (str).
+    (float32), when `has_relations`, relations [3, A_r, n, n] (float32), when `has_sources`, source (str), and
+    when the cache has temperatures other than 1 (`tempered_temperatures`), log_normalizers [n, M] (float32).
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], parts: list[PartView]) -> None:
@@ -203,6 +238,16 @@ class KDCache:
     @property
     def has_relations(self) -> bool:
         return bool(self.meta.get("relations"))
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """Temperatures the cache tempers exactly, 1.0 first ((1.0,) for format versions 1 and 2)."""
+        return fmt.cache_temperatures(self.meta)
+
+    @property
+    def tempered_temperatures(self) -> tuple[float, ...]:
+        """The temperatures other than 1, in the order of each sample's ``log_normalizers`` columns."""
+        return fmt.tempered_temperatures(self.meta)
 
     @property
     def has_sources(self) -> bool:

@@ -16,6 +16,8 @@ import numpy as np
 
 from cache_schema.format import (
     KEPT_MASS_TOLERANCE,
+    LOG_NORMALIZER_SIGN_TOLERANCE,
+    LOG_NORMALIZERS_KEY,
     MAX_LOGPROB,
     RELATION_KINDS,
     RELATION_ROW_SUM_TOLERANCE,
@@ -24,10 +26,11 @@ from cache_schema.format import (
     SOURCE_KEY,
     SOURCES_META_KEY,
     CacheValidationError,
+    tempered_temperatures,
 )
 
 _INT_KEYS = ("input_ids", "teacher_input_ids", "label_positions", "teacher_positions", "topk_ids")
-_FLOAT_KEYS = ("topk_logprobs", "label_logprobs", RELATIONS_KEY)
+_FLOAT_KEYS = ("topk_logprobs", "label_logprobs", RELATIONS_KEY, LOG_NORMALIZERS_KEY)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class SampleRules:
     kept_mass_tolerance: float = KEPT_MASS_TOLERANCE["float32"]
     relation_row_tolerance: float = RELATION_ROW_SUM_TOLERANCE["float32"]
     sources: tuple[str, ...] | None = None  # None: the cache records no source, samples must not carry one
+    tempered: tuple[float, ...] = ()  # temperatures other than 1: samples carry log_normalizers [n, M] exactly then
 
 
 def rules_from_meta(meta: Mapping[str, Any]) -> SampleRules:
@@ -52,6 +56,7 @@ def rules_from_meta(meta: Mapping[str, Any]) -> SampleRules:
         kept_mass_tolerance=KEPT_MASS_TOLERANCE[meta["logprob_dtype"]],
         relation_row_tolerance=RELATION_ROW_SUM_TOLERANCE[relations["dtype"]] if relations else 0.0,
         sources=tuple(meta[SOURCES_META_KEY]) if meta.get(SOURCES_META_KEY) else None,
+        tempered=tempered_temperatures(meta),
     )
 
 
@@ -72,7 +77,7 @@ def coerce_sample(sample: Mapping[str, Any], rules: SampleRules) -> dict[str, An
     """Check a sample's keys and shapes and return it as numpy arrays.
 
     Shapes: input_ids [T], teacher_input_ids [Tt], label_positions/teacher_positions/label_logprobs [n],
-    topk_ids/topk_logprobs [n, K], relations [3, A_r, n, n]. Raises CacheValidationError naming the sample.
+    topk_ids/topk_logprobs [n, K], relations [3, A_r, n, n], log_normalizers [n, M]. Raises CacheValidationError naming the sample.
     """
     if not isinstance(sample, Mapping):
         raise CacheValidationError(f"a sample must be a dict of arrays, got {type(sample).__name__}")
@@ -81,10 +86,12 @@ def coerce_sample(sample: Mapping[str, Any], rules: SampleRules) -> dict[str, An
         raise CacheValidationError(f"sample_id must be a non-empty str, got {sample_id!r}")
     expected = set(SAMPLE_KEYS) | ({RELATIONS_KEY} if rules.num_relation_heads is not None else set())
     expected |= {SOURCE_KEY} if rules.sources is not None else set()
+    expected |= {LOG_NORMALIZERS_KEY} if rules.tempered else set()
     missing, unknown = sorted(expected - set(sample)), sorted(set(sample) - expected)
     if missing or unknown:
         hint = " (this cache has no relations group)" if RELATIONS_KEY in unknown else ""
         hint += " (this cache records no sources)" if SOURCE_KEY in unknown else ""
+        hint += " (this cache has no temperature other than 1)" if LOG_NORMALIZERS_KEY in unknown else ""
         raise CacheValidationError(
             f"sample {sample_id!r}: missing keys {missing}, unexpected keys {unknown}{hint}; "
             f"a sample holds exactly {sorted(expected)}"
@@ -101,6 +108,8 @@ def coerce_sample(sample: Mapping[str, Any], rules: SampleRules) -> dict[str, An
     for name in ("topk_ids", "topk_logprobs"):
         if arrays[name].size == 0 and num_pairs == 0:
             arrays[name] = arrays[name].reshape(0, rules.top_k)
+    if LOG_NORMALIZERS_KEY in arrays and arrays[LOG_NORMALIZERS_KEY].size == 0 and num_pairs == 0:
+        arrays[LOG_NORMALIZERS_KEY] = arrays[LOG_NORMALIZERS_KEY].reshape(0, len(rules.tempered))
     if RELATIONS_KEY in arrays and arrays[RELATIONS_KEY].size == 0 and num_pairs == 0:
         arrays[RELATIONS_KEY] = arrays[RELATIONS_KEY].reshape(len(RELATION_KINDS), rules.num_relation_heads, 0, 0)
     shape_problem = _shape_problem(arrays, rules)
@@ -123,6 +132,9 @@ def _shape_problem(arrays: Mapping[str, Any], rules: SampleRules) -> str | None:
     for name in ("topk_ids", "topk_logprobs"):
         if arrays[name].shape != (n, rules.top_k):
             return f"{name} has shape {arrays[name].shape}, expected [n, K] = ({n}, {rules.top_k})"
+    if LOG_NORMALIZERS_KEY in arrays and arrays[LOG_NORMALIZERS_KEY].shape != (n, len(rules.tempered)):
+        return (f"{LOG_NORMALIZERS_KEY} has shape {arrays[LOG_NORMALIZERS_KEY].shape}, expected [n, M] = "
+                f"({n}, {len(rules.tempered)}) (one column per temperature other than 1)")
     if RELATIONS_KEY in arrays:
         want = (len(RELATION_KINDS), rules.num_relation_heads, n, n)
         if arrays[RELATIONS_KEY].shape != want:
@@ -194,6 +206,29 @@ def _logprob_problems(arrays: Mapping[str, Any], rules: SampleRules) -> list[str
     return problems
 
 
+def _normalizer_problems(arrays: Mapping[str, Any], rules: SampleRules) -> list[str]:
+    """log Σ_V p^(1/τ): finite, of the sign τ dictates, and at least the top-K's share (tempered kept mass ≤ 1)."""
+    if not rules.tempered or arrays["label_positions"].size == 0:
+        return []
+    normalizers = np.asarray(arrays[LOG_NORMALIZERS_KEY], dtype=np.float64)  # [n, M]
+    if not np.all(np.isfinite(normalizers)):
+        return [f"{LOG_NORMALIZERS_KEY}: non-finite value(s) (NaN/inf)"]
+    topk = np.asarray(arrays["topk_logprobs"], dtype=np.float64)  # [n, K]
+    problems = []
+    for column, tau in enumerate(rules.tempered):
+        values = normalizers[:, column]
+        wrong_sign = values < -LOG_NORMALIZER_SIGN_TOLERANCE if tau > 1 else values > LOG_NORMALIZER_SIGN_TOLERANCE
+        if wrong_sign.any():
+            problems.append(f"{LOG_NORMALIZERS_KEY} at τ={tau:g}: {int(wrong_sign.sum())} value(s) of the wrong sign "
+                            f"(log Σ p^(1/τ) is {'≥' if tau > 1 else '≤'} 0)")
+            continue
+        kept = np.exp(topk / tau - values[:, None]).sum(axis=1)  # [n] tempered kept mass
+        tolerance = rules.kept_mass_tolerance * max(1.0, 1.0 / tau)  # rounding of topk grows by 1/τ
+        if kept.max() > 1.0 + tolerance:
+            problems.append(f"tempered kept mass at τ={tau:g} > 1: {kept.max():.6f} at row {int(kept.argmax())}")
+    return problems
+
+
 def _relation_problems(arrays: Mapping[str, Any], rules: SampleRules) -> list[str]:
     if RELATIONS_KEY not in arrays:
         return []
@@ -216,5 +251,6 @@ def sample_problems(arrays: Mapping[str, Any], rules: SampleRules) -> list[str]:
         _id_problems(arrays, rules.vocab_size)
         + _alignment_problems(arrays)
         + _logprob_problems(arrays, rules)
+        + _normalizer_problems(arrays, rules)
         + _relation_problems(arrays, rules)
     )

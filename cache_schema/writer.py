@@ -20,18 +20,11 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 
 from cache_schema import format as fmt
 from cache_schema.cache_state import peek_cache_state, read_part_commit, read_root_meta
-from cache_schema.part_layout import (
-    StorageDtypes,
-    array_order,
-    chunk_shape,
-    decode_sample_ids,
-    pack_samples,
-    part_checksum,
-)
+from cache_schema.encoding import cache_encoding, compressors_for, encoding_meta
+from cache_schema.part_layout import StorageDtypes, chunk_shape, decode_sample_ids, pack_samples, part_checksum
 from cache_schema.sample_checks import coerce_sample, rules_from_meta, sample_problems
 
 
@@ -118,11 +111,14 @@ def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
         "top_k": meta.get("top_k"),
         "relations.layer": relations.get("layer"),
         "relations.num_relation_heads": relations.get("num_relation_heads"),
+        "temperatures": list(fmt.cache_temperatures(meta)),  # (1.0,) for versions 1-2: they stay reusable
+        "encoding": cache_encoding(meta)["name"],
     }
 
 
 def identity_differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """Names of what makes two caches different products: fingerprint names, ``top_k``, ``relations.*``.
+    """Names of what makes two caches different products: fingerprint names, ``top_k``, ``relations.*``,
+    ``temperatures``, ``encoding``.
 
     Empty when a cache with meta ``existing`` can be reused (or resumed) for the request ``wanted``.
     """
@@ -154,7 +150,10 @@ class CacheWriter:
     module, any process) writes one, and `finalize()` writes the completion record. `already_complete` is
     True when a complete cache with the same fingerprints and top_k already exists (nothing to do).
     `relations`, when given as {"layer": int, "num_relation_heads": int}, makes every sample carry
-    `relations` [3, A_r, n, n].
+    `relations` [3, A_r, n, n]. `temperatures` (1.0 is always included) other than 1 make every sample carry
+    `log_normalizers` [n, M]: log Σ_V p^(1/τ) per temperature, what tempering the tail exactly needs.
+    `encoding` (cache_schema/encoding.py): ``plain`` top-K arrays or ``compact`` ones (sorted id deltas, 8-bit
+    logprob codes); samples are given and read back the same way either way.
     """
 
     def __init__(
@@ -169,6 +168,8 @@ class CacheWriter:
         logprob_dtype: str = "float16",
         relations: Mapping[str, Any] | None = None,
         relations_dtype: str = "float16",
+        temperatures: Sequence[float] = (1.0,),
+        encoding: str = "plain",
     ) -> None:
         if not 1 <= num_parts <= fmt.MAX_PARTS:
             raise fmt.CacheError(f"num_parts must be in [1, {fmt.MAX_PARTS}], got {num_parts}")
@@ -191,6 +192,8 @@ class CacheWriter:
             "logprob_dtype": logprob_dtype,
             "label_logprob_dtype": fmt.LABEL_LOGPROB_DTYPE.name,
             "relations": _check_relations_spec(_relations_from_meta(meta, relations), relations_dtype),
+            "temperatures": fmt.normalized_temperatures(temperatures),
+            "encoding": encoding_meta(encoding),
         }
         user_meta = {key: value for key, value in meta.items() if key != "relations"}  # merged just above
         _check_user_meta(user_meta, writer_meta)
@@ -322,6 +325,8 @@ def _coerce_all(samples: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], p
 
 def _check_storage_range(packed: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], part_id: int) -> None:
     """A finite logprob below float16's range (-65504) would be stored as -inf: refuse instead of corrupting."""
+    if fmt.TOPK_LOGPROBS not in packed:
+        return  # compact: the row top is float32 and codes saturate; nothing can overflow
     finite_rows = np.isfinite(packed[fmt.TOPK_LOGPROBS]).all(axis=1)  # [N]
     if finite_rows.all():
         return
@@ -349,19 +354,18 @@ def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[
     packed = pack_samples(coerced, dtypes, int(meta["top_k"]))
     _check_storage_range(packed, coerced, part_id)
     has_relations = dtypes.relations is not None
-    has_sources = dtypes.sources is not None
 
     part_dir = path / fmt.part_path(part_id)
     shutil.rmtree(part_dir, ignore_errors=True)
     group = zarr.create_group(store=str(part_dir), attributes={"part_id": part_id}, zarr_format=3)
-    for name in array_order(has_relations, has_sources):
+    for name in dtypes.array_names():
         data = packed[name]
         array = group.create_array(
             name,
             shape=data.shape,
             dtype=data.dtype,
             chunks=chunk_shape(name, data.shape),
-            compressors=ZstdCodec(level=fmt.ZSTD_LEVEL),
+            compressors=compressors_for(name),
             fill_value=0,
         )
         if data.size:
@@ -375,9 +379,9 @@ def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[
         "num_relation_values": int(packed[fmt.RELATION_OFFSETS][-1]) if has_relations else 0,
         # The largest id a student must embed (its inputs and the teacher's top-K): lets a student whose
         # embedding is padded differently from the teacher's (Qwen 151936 vs 152064 rows) be checked exactly.
-        "max_token_id": max((int(packed[name].max()) for name in (fmt.INPUT_IDS, fmt.TOPK_IDS)
-                             if packed[name].size), default=-1),
-        "checksum": part_checksum(packed, has_relations, has_sources=has_sources),
+        "max_token_id": max((int(np.max(ids)) for ids in (packed[fmt.INPUT_IDS], *(s["topk_ids"] for s in coerced))
+                             if ids.size), default=-1),
+        "checksum": part_checksum(packed, dtypes.array_names()),
         "committed_at": _utc_now(),
     }
     group.attrs.update({fmt.PART_COMMIT_ATTR: commit})  # LAST: this write is what makes the part exist

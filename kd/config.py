@@ -193,6 +193,15 @@ class CacheConfig:
     """Samples per part: the unit of parallel work and of resumption."""
     logprob_dtype: str = "float16"
     """Storage dtype of top-K logprobs: ``float16`` (half the bytes) or ``float32`` (exact)."""
+    encoding: str = "plain"
+    """How top-K rows are stored: ``plain`` (ids in the smallest integer type + ``logprob_dtype`` logprobs, zstd)
+    or ``compact`` (ids sorted and delta-coded, logprobs as 8-bit codes 1/16 nat apart below each row's exact
+    top, blosc): about half the bytes at real vocabularies for a logprob error < 0.0625 nats (never upward)."""
+    temperatures: Optional[list[float]] = None
+    """Temperatures at which the cache stores the teacher's log-normalizer log Σ_V p^(1/τ) (4 bytes per scored
+    position each), so ``train.topk_handling: tail`` tempers the tail exactly at them; 1 is always included.
+    null: 1 plus ``train.temperature`` when the backend can (hf sees the full logit row; vLLM's prompt
+    logprobs are at τ=1 only). ``renormalize`` is exact at any τ and needs none."""
 
 
 @dataclass

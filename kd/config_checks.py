@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cache_schema import ENCODINGS
 from cache_schema.format import LOGPROB_DTYPES
 from kd.config import Config, DataConfig, EvalConfig, TrainConfig
 from kd.data.formats import DATA_FORMATS, DOCUMENT_FORMATS, ON_ERROR_POLICIES
@@ -25,9 +26,9 @@ from kd.evaluation.generation import EVAL_BACKENDS
 from kd.student.model import STUDENT_DTYPES
 from kd.student.modes import STUDENT_MODES
 from kd.student.quantized import QAT_ACTIVATIONS, QUANTIZED_EMBEDDING_MODES
-from kd.teacher.factory import TEACHER_BACKENDS
+from kd.teacher.factory import EXACT_TEMPERING_BACKENDS, TEACHER_BACKENDS, requested_temperatures
 from kd.teacher.types import LOGPROB_MODES, TEACHER_DTYPES
-from kd.training.losses import KD_KINDS, TOPK_HANDLINGS
+from kd.training.losses import KD_KINDS, TOPK_HANDLINGS, needs_log_normalizer
 from kd.training.optimization import MIXED_PRECISION
 
 
@@ -75,7 +76,9 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     _validate_data_formats(d, source)
     _positive(c.shard_size, source, "cache.shard_size")
     _one_of(c.logprob_dtype, LOGPROB_DTYPES, source, "cache.logprob_dtype")
+    _one_of(c.encoding, ENCODINGS, source, "cache.encoding")
     _validate_train(tr, source)
+    _validate_temperatures(cfg, source)
     _validate_eval(cfg.eval, source)
     return cfg
 
@@ -134,6 +137,25 @@ def _validate_train(tr: TrainConfig, source: str) -> None:
     _positive(tr.logprob_chunk, source, "train.logprob_chunk")
     for name, weight in tr.source_weights.items():
         _positive(weight, source, f"train.source_weights.{name}", allow_zero=True)
+
+
+def _validate_temperatures(cfg: Config, source: str) -> None:
+    """cache.temperatures are positive; the backend can store them; a tail-tempered loss finds its τ there."""
+    for i, tau in enumerate(cfg.cache.temperatures or []):
+        _positive(tau, source, f"cache.temperatures[{i}]")
+    stored = requested_temperatures(cfg)
+    backend = cfg.teacher.backend
+    _check(backend in EXACT_TEMPERING_BACKENDS or stored == [1.0], source, "cache.temperatures",
+           f"teacher.backend={backend} gives top-K logprobs at τ=1 only and cannot store the log-normalizer at "
+           f"τ={', '.join(f'{t:g}' for t in stored[1:])}; use teacher.backend=hf or drop them")
+    tr = cfg.train
+    tau = tr.temperature
+    if tr.kd_weight > 0 and needs_log_normalizer(tr.kd_kind, tr.topk_handling, tau) and tau not in stored:
+        fix = ("use teacher.backend=hf (it stores it)" if backend not in EXACT_TEMPERING_BACKENDS
+               else f"add {tau:g} to cache.temperatures")
+        _check(False, source, "train.temperature",
+               f"train.topk_handling=tail at τ={tau:g} needs the teacher's log-normalizer at τ={tau:g} in the "
+               f"cache to temper the tail exactly; {fix}, or set train.topk_handling=renormalize (exact at any τ)")
 
 
 def _validate_eval(ev: EvalConfig, source: str) -> None:

@@ -49,12 +49,22 @@ def format_summary(s: dict) -> str:
         f"top-K            {s['top_k']}  ({s['logprob_mode']}, vocab {s['vocab_size']})",
         f"on disk          {_fmt_bytes(s.get('bytes_on_disk', 0))}  "
         f"({s.get('bytes_per_position', 0):.1f} bytes per distilled position)",
+        f"top-K encoding   {s.get('encoding', 'plain')}  "
+        f"({s.get('bytes_per_kept_entry') or 0:.2f} bytes per kept (id, logprob) entry)",
         f"relations        {'yes' if s['has_relations'] else 'no'}",
     ]
     kept = s.get("kept_mass") or {}
     if kept:
         order = [k for k in ("min", "p1", "p10", "median", "p90", "max", "mean") if k in kept]
         lines.append("kept mass Σexp   " + "  ".join(f"{k} {kept[k]:.4f}" for k in order))
+    temperatures = s.get("temperatures") or [1.0]
+    lines.append("temperatures     " + ", ".join(f"{t:g}" for t in temperatures)
+                 + ("  (tail tempered exactly at each)" if len(temperatures) > 1 else
+                    "  (tail handling 'tail' trains at τ=1 only; 'renormalize' at any τ)"))
+    for tau, tempered in (s.get("tempered_kept_mass") or {}).items():
+        if tempered:
+            lines.append(f"kept mass at τ={tau:<4}" + "  ".join(f"{k} {tempered[k]:.4f}" for k in ("min", "median",
+                                                                                                  "mean")))
     sources = s.get("sources")
     if sources is None:
         lines.append("sources          not recorded (format version 1 cache)")

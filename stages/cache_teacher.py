@@ -28,6 +28,7 @@ from cache_schema import (
     CacheMismatchError,
     CacheWriter,
     cache_stats,
+    encoding_meta,
     identity_differences,
     json_fingerprint,
     open_cache,
@@ -39,7 +40,7 @@ from kd.config import Config, TeacherConfig, config_to_dict
 from kd.data.sequences import AlignedSample
 from kd.data.training_set import build_training_set, training_set_fingerprints
 from kd.errors import DataError, UserError
-from kd.teacher.factory import load_backend
+from kd.teacher.factory import load_backend, requested_temperatures
 from kd.teacher.types import ScoreRequest, check_top_k_fits
 from kd.tokenizer import load_tokenizer
 
@@ -60,6 +61,11 @@ class StageOnePlan:
     """What was at cache.path before: absent, incomplete (resume) or complete (nothing to do)."""
     notes: list[str] = field(default_factory=list)
     """What stage one decided about the data (detected format, mixture draw), printed before scoring."""
+
+    @property
+    def tempered(self) -> tuple[float, ...]:
+        """The cache's temperatures other than 1: each sample stores the teacher's log-normalizer at each."""
+        return tuple(t for t in self.meta["temperatures"] if t != 1.0)
 
 
 def _model_config(model: str) -> dict:
@@ -120,7 +126,8 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
             "top_k": cfg.teacher.top_k, "logprob_mode": cfg.teacher.logprob_mode,
             "config": config_to_dict(cfg), "teacher_model": cfg.teacher.model, "backend": cfg.teacher.backend,
             "num_fewshot": cfg.data.num_fewshot, "skipped_samples": len(training.skipped),
-            "sources": training.sources, "source_formats": training.formats}
+            "sources": training.sources, "source_formats": training.formats,
+            "temperatures": requested_temperatures(cfg), "encoding": encoding_meta(cfg.cache.encoding)}
     if cfg.teacher.attention.enabled:
         meta["relations"] = {"layer": cfg.teacher.attention.layer, "num_relation_heads":
                              cfg.teacher.attention.num_heads, "kinds": ["qq", "kk", "vv"]}
@@ -165,8 +172,10 @@ def _pin_gpu_for_this_worker(num_gpus: int) -> None:
 
 
 def score_shard(teacher: TeacherConfig, seed: int, cache_path: str, part_id: int, shard: list[AlignedSample],
-                pin_gpus: int = 0) -> dict[str, float]:
-    """Score one shard with this process's engine and write it as cache part ``part_id`` (commit last)."""
+                pin_gpus: int = 0, tempered: tuple[float, ...] = ()) -> dict[str, float]:
+    """Score one shard with this process's engine and write it as cache part ``part_id`` (commit last).
+
+    ``tempered``: the cache's temperatures other than 1, whose log-normalizers each sample stores."""
     started = time.perf_counter()
     if teacher.backend == "hf" and os.environ.get("OMP_NUM_THREADS"):
         # OpenMP's thread count is per calling thread and dask runs tasks in an executor thread that starts
@@ -177,7 +186,7 @@ def score_shard(teacher: TeacherConfig, seed: int, cache_path: str, part_id: int
     backend, load_seconds = _worker_backend(teacher, seed, pin_gpus)
     requests = [ScoreRequest(s.pair.teacher_input_ids, np.asarray(s.pair.teacher_positions, dtype=np.int64))
                 for s in shard]
-    results = backend.score(requests)
+    results = backend.score(requests, temperatures=tempered)
     samples = []
     for item, result in zip(shard, results, strict=True):
         sample = {"sample_id": item.sample_id,
@@ -189,6 +198,8 @@ def score_shard(teacher: TeacherConfig, seed: int, cache_path: str, part_id: int
                   "label_logprobs": result.label_logprobs, "source": item.source}
         if result.relations is not None:
             sample["relations"] = result.relations
+        if tempered:
+            sample["log_normalizers"] = result.log_normalizers
         samples.append(sample)
     write_part(cache_path, part_id, samples)
     return {"part_id": part_id, "samples": len(shard), "seconds": time.perf_counter() - started,
@@ -231,7 +242,7 @@ def _run_in_process(plan: StageOnePlan, pending: list[int], stats: RunStats, bar
     try:
         for part_id in pending:
             _record(stats, bar, score_shard(plan.cfg.teacher, plan.cfg.seed, plan.cfg.cache.path, part_id,
-                                            plan.shards[part_id]),
+                                            plan.shards[part_id], tempered=plan.tempered),
                     started)
     finally:
         for backend in _WORKER_BACKENDS.values():
@@ -258,7 +269,8 @@ def _run_on_dask(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, s
             env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         with Client(scheduler or cluster) as client:
             futures = [client.submit(score_shard, plan.cfg.teacher, plan.cfg.seed, plan.cfg.cache.path, part_id,
-                                     plan.shards[part_id], num_gpus, key=f"score-part-{part_id}", pure=False)
+                                     plan.shards[part_id], num_gpus, plan.tempered, key=f"score-part-{part_id}",
+                                     pure=False)
                        for part_id in pending]
             for future in as_completed(futures):
                 _record(stats, bar, future.result(), started)
@@ -279,7 +291,8 @@ def run(plan: StageOnePlan, workers: int = 1, scheduler: str | None = None, prog
     """Score and write every part not yet committed."""
     writer = CacheWriter(plan.cfg.cache.path, plan.meta, len(plan.shards), top_k=plan.cfg.teacher.top_k,
                          vocab_size=plan.vocab_size, overwrite=plan.state == "overwrite",
-                         logprob_dtype=plan.cfg.cache.logprob_dtype)
+                         logprob_dtype=plan.cfg.cache.logprob_dtype, temperatures=plan.meta["temperatures"],
+                         encoding=plan.cfg.cache.encoding)
     stats = RunStats()
     with writer:
         pending = sorted(writer.pending_parts())

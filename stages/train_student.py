@@ -47,6 +47,7 @@ from kd.training.optimization import build_optimizer, mixed_precision, use_cpu
 from kd.training.training_data import (
     CacheMismatch,
     check_student_compatible,
+    normalizer_column,
     open_training_cache,
     source_sample_weights,
     split_indices,
@@ -89,6 +90,8 @@ class StageTwoPlan:
     resumed_from: str | None = None
     trainer_state: dict[str, Any] = field(default_factory=dict)
     """elapsed_s and tokens_seen carried over from the checkpoint resumed from."""
+    normalizer_column: int | None = None
+    """Column of ``Batch.teacher_log_normalizers`` at train.temperature when the loss tempers the tail, else None."""
 
 
 def _check_tokenizer(cfg: Config, cache) -> Any:
@@ -106,6 +109,16 @@ def _check_tokenizer(cfg: Config, cache) -> Any:
     except CacheMismatch as exc:
         raise UserError(f"student.model={cfg.student.model!r}: {str(exc).splitlines()[0]}") from None
     return tokenizer
+
+
+def _check_temperature(cfg: Config, cache) -> int | None:
+    """The cache's log-normalizer column for train.temperature when the loss tempers the tail; refuses a cache
+    that cannot temper it exactly (one line)."""
+    tr = cfg.train
+    try:
+        return normalizer_column(cache, tr.kd_kind, tr.topk_handling, tr.temperature, tr.kd_weight)
+    except CacheMismatch as exc:
+        raise UserError(f"cache.path: {str(exc).splitlines()[0]}") from None
 
 
 def _check_relations(cfg: Config, cache) -> tuple[int, int] | None:
@@ -176,6 +189,7 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
     cache = open_training_cache(cfg.cache.path)
     tokenizer = _check_tokenizer(cfg, cache)
     relations = _check_relations(cfg, cache)
+    column = _check_temperature(cfg, cache)
     cpu = use_cpu()
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg.train.mixed_precision, cpu))
     if not accelerator.is_main_process:
@@ -201,7 +215,8 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
                          rank=accelerator.process_index, world_size=accelerator.num_processes, pad_id=pad_id,
                          sample_weights=sample_weights)
     plan = StageTwoPlan(cfg, accelerator, cache, module, tokenizer, optimizer, scheduler, stream, val_idx,
-                        cfg.train.num_validation_samples, pad_id, Path(cfg.train.output_dir), identity)
+                        cfg.train.num_validation_samples, pad_id, Path(cfg.train.output_dir), identity,
+                        normalizer_column=column)
     if decision.action == "resume":
         _resume(plan, decision.checkpoint, say)
     return plan
@@ -243,12 +258,17 @@ def _forward(module, batch, temperature: float):
                   batch.label_ids, temperature=temperature)
 
 
-def _loss(cfg: Config, gather, batch):
+def _teacher_normalizer(batch, column: int | None):
+    """[N] the teacher's log Σ_V p^(1/τ) at train.temperature, or None when the loss needs none."""
+    return None if column is None else batch.teacher_log_normalizers[:, column]
+
+
+def _loss(cfg: Config, gather, batch, column: int | None):
     tr = cfg.train
     parts = distillation_loss(gather, batch.topk_logprobs, kind=tr.kd_kind, handling=tr.topk_handling,
                               beta=tr.jsd_beta, temperature=tr.temperature,
                               temperature_squared=tr.temperature_squared, kd_weight=tr.kd_weight,
-                              ce_weight=tr.ce_weight)
+                              ce_weight=tr.ce_weight, teacher_log_normalizer=_teacher_normalizer(batch, column))
     if tr.attention_weight > 0:  # γ · L_AD (BitDistill)
         attention = attention_relation_loss(gather.relations, batch.relations)
         parts = replace(parts, total=parts.total + tr.attention_weight * attention, attention=attention)
@@ -270,7 +290,7 @@ def train_step(plan: StageTwoPlan, step: int) -> dict[str, float]:
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         with nullcontext() if last else acc.no_sync(plan.model):
-            parts = _loss(cfg, _forward(plan.model, batch, cfg.train.temperature), batch)
+            parts = _loss(cfg, _forward(plan.model, batch, cfg.train.temperature), batch, plan.normalizer_column)
             acc.backward(parts.total * (batch.num_positions * scale))
         n = float(batch.num_positions)
         sums += torch.tensor([_value(parts.total) * n, _value(parts.kd) * n, _value(parts.ce) * n, n,
@@ -319,7 +339,8 @@ def validate(plan: StageTwoPlan) -> dict[str, float]:
             kd = distillation_loss(at_tau, batch.topk_logprobs, kind=cfg.train.kd_kind,
                                    handling=cfg.train.topk_handling, beta=cfg.train.jsd_beta, temperature=tau,
                                    temperature_squared=cfg.train.temperature_squared, kd_weight=1.0,
-                                   ce_weight=0.0).kd
+                                   ce_weight=0.0,
+                                   teacher_log_normalizer=_teacher_normalizer(batch, plan.normalizer_column)).kd
             n = float(batch.num_positions)
             kl = kept_mass_kl(at_one.topk_logprobs.float(), batch.topk_logprobs.float())  # [N]
             attention = attention_relation_loss(at_one.relations, batch.relations) \

@@ -5,11 +5,25 @@ Backends are imported only when chosen: vLLM's import alone takes seconds and fa
 
 from __future__ import annotations
 
-from kd.config import TeacherConfig
+from kd.config import Config, TeacherConfig
 from kd.teacher.types import TeacherBackend
 
 TEACHER_BACKENDS = ("vllm", "hf")
 """``teacher.backend``: ``vllm`` (offline LLM, prompt_logprobs) or ``hf`` (transformers forward, relations too)."""
+EXACT_TEMPERING_BACKENDS = ("hf",)
+"""Backends that see the teacher's full logit row at each scored position, so they can store its
+log-normalizer at any temperature (``cache.temperatures``); vLLM's prompt logprobs are top-K at τ=1 only."""
+
+
+def requested_temperatures(cfg: Config) -> list[float]:
+    """The temperatures stage one stores: 1.0 first, then ``cache.temperatures`` ascending, or by default
+    ``train.temperature`` when it is not 1 and the backend can store it."""
+    if cfg.cache.temperatures is not None:
+        wanted = [float(t) for t in cfg.cache.temperatures]
+    else:
+        can_store = cfg.teacher.backend in EXACT_TEMPERING_BACKENDS
+        wanted = [float(cfg.train.temperature)] if can_store else []
+    return [1.0] + sorted(set(wanted) - {1.0})
 
 
 def load_backend(teacher: TeacherConfig, *, seed: int = 0, device: str = "auto") -> TeacherBackend:

@@ -6,6 +6,8 @@ predicting positions tp - 1 of every request ([N, H]), then project them through
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -113,10 +115,12 @@ class HFTeacherBackend:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        """Score requests in length-sorted batches; results come back in request order."""
+    def score(self, requests: list[ScoreRequest], temperatures: Sequence[float] = ()) -> list[ScoreResult]:
+        """Score requests in length-sorted batches; results come back in request order. With ``temperatures``
+        each result also holds log Σ_V p^(1/τ) per position and τ (``log_normalizers`` [n, M])."""
         if self.model is None:
             raise RuntimeError("HFTeacherBackend.score called after close()")
+        temperatures = tuple(float(t) for t in temperatures)
         checked = [checked_request_arrays(r, i, self.vocab_size, self.max_len) for i, r in enumerate(requests)]
         results: list[ScoreResult | None] = [None] * len(requests)
         # Tokens after max(tp) influence no requested distribution (causal); relations need the token at tp.
@@ -124,12 +128,13 @@ class HFTeacherBackend:
         for index, length in enumerate(needed):
             if length == 0:
                 results[index] = empty_result(
-                    self.top_k, self.relation_modules is not None, self._relation_heads()
+                    self.top_k, self.relation_modules is not None, self._relation_heads(), len(temperatures)
                 )
         scored = [index for index, length in enumerate(needed) if length > 0]
         for batch in length_sorted_batches([needed[i] for i in scored], self.teacher.max_batch_tokens):
             indices = [scored[b] for b in batch]
-            batch_results = self._score_batch([checked[i] for i in indices], [needed[i] for i in indices])
+            batch_results = self._score_batch([checked[i] for i in indices], [needed[i] for i in indices],
+                                              temperatures)
             for index, result in zip(indices, batch_results):
                 results[index] = result
         return results  # type: ignore[return-value]
@@ -139,7 +144,7 @@ class HFTeacherBackend:
 
     @torch.inference_mode()
     def _score_batch(
-        self, arrays: list[tuple[np.ndarray, np.ndarray]], lengths: list[int]
+        self, arrays: list[tuple[np.ndarray, np.ndarray]], lengths: list[int], temperatures: tuple[float, ...]
     ) -> list[ScoreResult]:
         """One right-padded forward over `arrays` (ids [Tt], positions [n]) cut to `lengths` tokens each."""
         batch_size, longest = len(arrays), max(lengths)
@@ -163,7 +168,7 @@ class HFTeacherBackend:
             projections = dict(captured)
         predicting_rows = hidden[row_index, target_pos - 1]  # [N, H] rows at tp - 1
         labels = input_ids[row_index, target_pos]  # [N]
-        topk_ids, topk_logprobs, label_logprobs = self._top_k_rows(predicting_rows, labels)
+        topk_ids, topk_logprobs, label_logprobs, normalizers = self._top_k_rows(predicting_rows, labels, temperatures)
 
         results = []
         start = 0
@@ -182,24 +187,29 @@ class HFTeacherBackend:
                     topk_logprobs=topk_logprobs[start:stop],
                     label_logprobs=label_logprobs[start:stop],
                     relations=relations,
+                    log_normalizers=normalizers[start:stop] if temperatures else None,
                 )
             )
             start = stop
         return results
 
     def _top_k_rows(
-        self, hidden_rows: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """[N, H] hidden rows + [N] labels -> (topk_ids [N, K] int64, topk_logprobs [N, K] f32, label [N] f32).
+        self, hidden_rows: torch.Tensor, labels: torch.Tensor, temperatures: tuple[float, ...] = ()
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """[N, H] hidden rows + [N] labels -> (topk_ids [N, K] int64, topk_logprobs [N, K] f32, label [N] f32,
+        log_normalizers [N, M] f32: log Σ_V p^(1/τ_m) of the same fp32 log-softmax, one column per τ_m).
 
         Chunks of `logprob_chunk` rows bound the fp32 [chunk, V] logits buffer.
         """
-        ids_chunks, logprob_chunks, label_chunks = [], [], []
+        ids_chunks, logprob_chunks, label_chunks, normalizer_chunks = [], [], [], []
         chunk = self.teacher.logprob_chunk
         for start in range(0, hidden_rows.shape[0], chunk):
             logprobs = torch.log_softmax(self._logits(hidden_rows[start : start + chunk]), dim=-1)  # [c, V]
             values, ids = torch.topk(logprobs, self.top_k, dim=-1, sorted=True)  # [c, K]
             label = logprobs.gather(1, labels[start : start + chunk, None]).squeeze(1)  # [c]
+            normalizers = [torch.logsumexp(logprobs / tau, dim=-1) for tau in temperatures]  # M x [c]
+            normalizer_chunks.append(torch.stack(normalizers, dim=1).cpu() if normalizers
+                                     else torch.zeros((values.shape[0], 0)))
             ids_chunks.append(ids.cpu())
             logprob_chunks.append(values.cpu())
             label_chunks.append(label.cpu())
@@ -207,4 +217,5 @@ class HFTeacherBackend:
             torch.cat(ids_chunks).numpy().astype(np.int64),
             torch.cat(logprob_chunks).numpy().astype(np.float32),
             torch.cat(label_chunks).numpy().astype(np.float32),
+            torch.cat(normalizer_chunks).numpy().astype(np.float32),
         )

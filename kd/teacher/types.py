@@ -8,7 +8,9 @@ distribution that PREDICTS token ``teacher_input_ids[tp]`` is the one the model 
 
 - ``topk_ids`` [n, K] int64, sorted by descending logprob;
 - ``topk_logprobs`` [n, K] float32: full-vocabulary ``log_softmax`` of the fp32 logits at temperature 1;
-- ``label_logprobs`` [n] float32: the logprob of the actual token ``teacher_input_ids[tp]``.
+- ``label_logprobs`` [n] float32: the logprob of the actual token ``teacher_input_ids[tp]``;
+- ``log_normalizers`` [n, M] float32 when ``score`` is asked for M temperatures τ_m (backends that see the
+  full logit row): log Σ_V p_v^(1/τ_m) of that same τ=1 distribution, which makes tempering exact.
 
 Vocabulary width: the softmax runs over the model's whole logit row, i.e. ``config.vocab_size`` rows of the
 lm_head, including padded rows that no tokenizer id maps to (e.g. Qwen's 151936/152064 heads). This is what
@@ -21,6 +23,7 @@ them before the forward pass; this changes no returned value.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -58,12 +61,14 @@ class ScoreResult:
     topk_logprobs: [n, K] float32, full-vocabulary log-softmax at temperature 1.
     label_logprobs: [n] float32, logprob of teacher_input_ids[tp].
     relations: [3, A_r, n, n] float32 (Q-Q, K-K, V-V relation softmaxes over the n scored tokens) or None.
+    log_normalizers: [n, M] float32, log Σ_V p^(1/τ_m) for the M temperatures asked of ``score``, or None.
     """
 
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     label_logprobs: np.ndarray
     relations: np.ndarray | None = None
+    log_normalizers: np.ndarray | None = None
 
 
 @runtime_checkable
@@ -71,8 +76,9 @@ class TeacherBackend(Protocol):
     top_k: int
     vocab_size: int  # logit row width (the model's config.vocab_size)
 
-    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        """Score every request; results come back in request order."""
+    def score(self, requests: list[ScoreRequest], temperatures: Sequence[float] = ()) -> list[ScoreResult]:
+        """Score every request; results come back in request order. ``temperatures`` (none equal to 1): also
+        return each position's log-normalizer at each; a backend that cannot raises TeacherConfigError."""
         ...
 
     def close(self) -> None:
@@ -121,7 +127,8 @@ def checked_request_arrays(
     return ids, positions
 
 
-def empty_result(top_k: int, with_relations: bool, num_relation_heads: int = 0) -> ScoreResult:
+def empty_result(top_k: int, with_relations: bool, num_relation_heads: int = 0,
+                 num_temperatures: int = 0) -> ScoreResult:
     """Result for a request with no scored positions (n = 0)."""
     relations = np.zeros((3, num_relation_heads, 0, 0), np.float32) if with_relations else None
     return ScoreResult(
@@ -129,4 +136,13 @@ def empty_result(top_k: int, with_relations: bool, num_relation_heads: int = 0) 
         topk_logprobs=np.zeros((0, top_k), np.float32),
         label_logprobs=np.zeros((0,), np.float32),
         relations=relations,
+        log_normalizers=np.zeros((0, num_temperatures), np.float32) if num_temperatures else None,
     )
+
+
+def check_no_temperatures(temperatures: Sequence[float], backend: str) -> None:
+    """For backends that only see top-K logprobs at τ=1: refuse a request for log-normalizers."""
+    if len(temperatures):
+        raise TeacherConfigError(
+            f"teacher.backend={backend} returns top-K logprobs at τ=1 only and cannot give the log-normalizer at "
+            f"τ={', '.join(f'{t:g}' for t in temperatures)}; use teacher.backend=hf or cache.temperatures=[1.0]")

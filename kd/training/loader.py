@@ -51,7 +51,9 @@ class Batch:
     row_index [N] long: batch row of each distilled position; label_positions [N] long: p in that row (the
     student predicts it from position p - 1); label_ids [N] long = input_ids[row_index, label_positions];
     topk_ids [N, K] long; topk_logprobs [N, K] float32; teacher_label_logprobs [N] float32 (teacher's logprob
-    of label_ids); relations: per row [3, A_r, n_i, n_i] float32, or None when the cache has none.
+    of label_ids); relations: per row [3, A_r, n_i, n_i] float32, or None when the cache has none;
+    teacher_log_normalizers [N, M] float32: log Σ_V p^(1/τ_m) per position for the cache's M temperatures other
+    than 1 (``cache.tempered_temperatures``), or None when it has none.
     """
 
     input_ids: torch.Tensor
@@ -65,6 +67,7 @@ class Batch:
     sample_ids: list[str]
     num_tokens: int
     relations: list[torch.Tensor] | None = None
+    teacher_log_normalizers: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -130,6 +133,10 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int, top_k: int) -> Batch
     relations = None
     if samples and all("relations" in s for s in samples):
         relations = [torch.from_numpy(np.ascontiguousarray(s["relations"], dtype=np.float32)) for s in samples]
+    normalizers = None
+    if samples and all("log_normalizers" in s for s in samples):
+        width = samples[0]["log_normalizers"].shape[1]
+        normalizers = torch.from_numpy(_concat([s["log_normalizers"] for s in samples], np.float32, (width,)))
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention_mask),
@@ -142,6 +149,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int, top_k: int) -> Batch
         sample_ids=[str(s["sample_id"]) for s in samples],
         num_tokens=int(lengths.sum()),
         relations=relations,
+        teacher_log_normalizers=normalizers,
     )
 
 

@@ -4,11 +4,13 @@ Notation: N distilled positions (flattened over the batch), K cached ids per pos
 S = the teacher's top-K ids at a position, p = teacher probabilities (full-vocab softmax), q = student.
 
 Cached targets are the teacher's full-vocabulary log-softmax at τ=1 gathered at S (rows sorted descending,
-Σ exp ≤ 1 up to fp16 rounding). Two ways of turning them into a proper distribution (``handling``):
+Σ exp ≤ 1 up to fp16 rounding), and, for each τ ≠ 1 in the cache's temperatures, log Σ_V p^(1/τ), which makes
+tempering exact (:func:`temper_teacher`). Two ways of turning them into a proper distribution (``handling``):
 
 - ``"tail"``: K+1 buckets, S plus one "tail" bucket holding the remaining mass 1 − Σ_S (on both sides).
   This is a coarsening of the full distributions, so every divergence here is a lower bound of the
-  full-vocabulary one (data processing inequality), and equals it when the tail is empty.
+  full-vocabulary one (data processing inequality), and equals it when the tail is empty. At τ ≠ 1 this holds
+  only because the teacher's tail is tempered exactly, from its stored log-normalizer.
 - ``"renormalize"``: both sides restricted to S and renormalized; student mass outside S is never penalized.
 
 Losses are returned per position ([N]) so the caller masks and averages; :func:`distillation_loss` combines
@@ -173,19 +175,25 @@ def _kl_from_log(log_a: Tensor, log_b: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- teacher τ
 
-def temper_teacher(teacher_topk_logprobs: Tensor, temperature: float,
-                   handling: str) -> tuple[Tensor, Tensor | None]:
+def needs_log_normalizer(kind: str, handling: str, temperature: float) -> bool:
+    """True when a KD loss tempers the teacher's tail bucket: it then needs the teacher's log Σ_V p^(1/τ)
+    (stored by stage one at ``cache.temperatures``), because the top-K alone cannot say how the tail tempers."""
+    return kind != "mse_topk" and handling == "tail" and temperature != 1.0
+
+
+def temper_teacher(teacher_topk_logprobs: Tensor, temperature: float, handling: str,
+                   log_normalizer: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """[N, K] cached τ=1 logprobs -> (logprobs at τ [N, K], tail log-mass at τ [N] for ``tail``, else None).
 
-    ``renormalize``: log_softmax(lp/τ) over S. This is exact: restricting the tempered full distribution to S
-    and renormalizing gives p_i^(1/τ) / Σ_S p_j^(1/τ) either way.
+    ``renormalize``: log_softmax(lp/τ) over S. Exact: restricting the tempered full distribution to S and
+    renormalizing gives p_i^(1/τ) / Σ_S p_j^(1/τ) either way.
 
-    ``tail``: log_softmax over the K+1 buckets (S and the tail) divided by τ. APPROXIMATION: the tail bucket
-    is tempered as if it were one token, (Σ_tail p_j)^(1/τ) instead of Σ_tail p_j^(1/τ); for τ > 1 this
-    under-states the tempered tail mass (and over-states it for τ < 1). The top-K entries are then scaled by
-    the same normalizer, so they are off by the same factor. Exact when the tail is empty; an empty tail (or
-    one below K·eps of the dtype, i.e. rounding of the kept-mass sum) stays empty after tempering. τ = 1
-    returns the logprobs unchanged.
+    ``tail``: ``log_normalizer`` [N] is log Σ_V p_v^(1/τ) over the teacher's full vocabulary (the cache's
+    ``log_normalizers`` column for τ). Then lp/τ − log_normalizer is exactly log of the tempered probability
+    p_i^(1/τ) / Σ_V p_v^(1/τ) of each top-K id, and the tempered tail is the rest of the mass — both exact, so
+    the K+1-bucket divergences are again lower bounds of the full-vocabulary ones. τ = 1 needs no normalizer
+    (it is 0) and returns the logprobs unchanged. Any other τ without one raises ValueError: tempering the
+    tail from the top-K alone (as if it were one token) is wrong by up to 90× at τ=5.
     """
     if handling not in TOPK_HANDLINGS:
         raise ValueError(f"handling must be one of {TOPK_HANDLINGS}, got {handling!r}")
@@ -196,17 +204,14 @@ def temper_teacher(teacher_topk_logprobs: Tensor, temperature: float,
         return lp, (tail_logprob(_cap_mass(lp)) if handling == "tail" else None)
     if handling == "renormalize":
         return F.log_softmax(lp / temperature, dim=-1), None
+    if log_normalizer is None:
+        raise ValueError(f"tail handling at temperature {temperature} needs the teacher's log-normalizer at that "
+                         "temperature (cache.temperatures); use handling='renormalize' otherwise")
+    if tuple(log_normalizer.shape) != (lp.shape[0],):
+        raise ValueError(f"log_normalizer must be [N={lp.shape[0]}], got shape {tuple(log_normalizer.shape)}")
     floor = _log_floor(lp.dtype)
-    buckets = _buckets(lp.clamp(min=floor), "tail")
-    # Empty entries must stay empty: x ↦ x^(1/τ) turns a rounding-level tail (1e-16 in float64) into a
-    # visible mass (1e-7 at τ=2.5). A tail below the rounding error of the K-term kept-mass sum cannot be
-    # told from 0, so it counts as empty, as do entries at the "log 0" floor.
-    noise = math.log(lp.shape[-1] * torch.finfo(lp.dtype).eps)
-    empty = buckets <= floor
-    empty[:, -1] |= buckets[:, -1] <= noise
-    scaled = torch.where(empty, float("-inf"), buckets / temperature)
-    tempered = F.log_softmax(scaled, dim=-1).clamp(min=floor)
-    return tempered[:, :-1], tempered[:, -1]
+    tempered = _cap_mass(lp.clamp(min=floor) / temperature - log_normalizer.to(lp.dtype)[:, None])
+    return tempered.clamp(min=floor), tail_logprob(tempered)
 
 
 # ---------------------------------------------------------------------------------------------- KD losses
@@ -296,14 +301,14 @@ def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
 
 
 def _kd_per_position(gather: StudentGather, teacher: Tensor, kind: str, handling: str, beta: float,
-                     temperature: float) -> Tensor:
+                     temperature: float, log_normalizer: Tensor | None) -> Tensor:
     """-> [N] the KD loss per position."""
     if kind == "mse_topk":
         return mse_topk(gather.topk_logits, teacher)
     if gather.temperature != temperature:
         raise ValueError(f"student logprobs were gathered at temperature {gather.temperature}, "
                          f"the loss asks for {temperature}; pass the same temperature to student_logprobs_at")
-    t_lp, t_tail = temper_teacher(teacher, temperature, handling)
+    t_lp, t_tail = temper_teacher(teacher, temperature, handling, log_normalizer)
     if kind == "forward_kl":
         return forward_kl(gather.topk_logprobs, t_lp, handling, teacher_tail=t_tail)
     if kind == "reverse_kl":
@@ -330,12 +335,13 @@ def _check_loss_args(gather: StudentGather, teacher: Tensor, kind: str, handling
 def distillation_loss(gather: StudentGather, teacher_topk_logprobs: Tensor, *, kind: str = "forward_kl",
                       handling: str = "tail", beta: float = 0.5, temperature: float = 1.0,
                       temperature_squared: bool = True, kd_weight: float = 1.0, ce_weight: float = 0.0,
-                      weights: Tensor | None = None) -> LossParts:
+                      weights: Tensor | None = None, teacher_log_normalizer: Tensor | None = None) -> LossParts:
     """The training loss: ce_weight · CE + kd_weight · KD, each averaged over the N distilled positions.
 
     gather: from :func:`student_logprobs_at` at ``temperature``; teacher_topk_logprobs [N, K] cached τ=1
     logprobs at the same ids; weights [N] (optional) turns both averages into weighted averages (per-source
-    reweighting). KD is multiplied by τ² when ``temperature_squared`` (Hinton: keeps gradient scale
+    reweighting); teacher_log_normalizer [N]: the teacher's log Σ_V p^(1/τ) at ``temperature``, required for
+    ``tail`` handling at τ ≠ 1 (:func:`temper_teacher`). KD is multiplied by τ² when ``temperature_squared`` (Hinton: keeps gradient scale
     comparable across τ; TRL and Liger do not). CE = −mean(label_logprobs) at τ=1. A term with weight 0 is
     not computed at all (the CE-only baseline never touches the teacher targets).
     """
@@ -345,7 +351,8 @@ def distillation_loss(gather: StudentGather, teacher_topk_logprobs: Tensor, *, k
     kd = ce = None
     terms: list[Tensor] = []
     if kd_weight > 0:
-        kd = _weighted_mean(_kd_per_position(gather, teacher, kind, handling, beta, temperature), weights)
+        per_position = _kd_per_position(gather, teacher, kind, handling, beta, temperature, teacher_log_normalizer)
+        kd = _weighted_mean(per_position, weights)
         if temperature_squared and kind != "mse_topk":
             kd = kd * temperature ** 2
         terms.append(kd_weight * kd)

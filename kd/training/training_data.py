@@ -3,7 +3,8 @@
 :func:`open_training_cache` opens the cache a config names (one line on failure); :func:`split_indices` makes
 the seeded hold-out every process and every world size agree on; :func:`source_sample_weights` turns
 ``train.source_weights`` into per-sample drawing weights; :func:`check_student_compatible` refuses a cache
-whose ids the student cannot embed.
+whose ids the student cannot embed; :func:`normalizer_column` finds the teacher log-normalizers a tail-tempered
+loss needs, or refuses a cache that lacks them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from cache_schema import CacheError, CacheMismatchError, open_cache, validate_cache
 from kd.errors import UserError
+from kd.training.losses import needs_log_normalizer
 
 _SPLIT_SALT = 0x5D17  # keeps the validation draw independent of the epoch-0 training permutation ([seed, 0])
 
@@ -88,3 +90,22 @@ def check_student_compatible(cache: Any, student_tokenizer_fingerprint: str, stu
             f"{student_embedding_rows} rows: ids >= {student_embedding_rows} cannot be embedded; use a student "
             "whose embedding covers the teacher's vocabulary"
         )
+
+
+def normalizer_column(cache: Any, kind: str, handling: str, temperature: float, kd_weight: float) -> int | None:
+    """Column of the batches' ``teacher_log_normalizers`` [N, M] the KD loss tempers the tail with, or None
+    when it tempers none (τ = 1, ``renormalize``, ``mse_topk`` or no KD term).
+
+    Raises CacheMismatch when the loss needs a temperature the cache does not hold (caches of format versions
+    1 and 2 hold only τ = 1): their tail cannot be tempered exactly, and an approximation would be far off.
+    """
+    if kd_weight <= 0 or not needs_log_normalizer(kind, handling, temperature):
+        return None
+    tempered = tuple(cache.tempered_temperatures)
+    if temperature not in tempered:
+        held = ", ".join(f"{t:g}" for t in cache.temperatures)
+        raise CacheMismatch(
+            f"cache {cache.path} tempers the teacher's tail exactly only at τ = {held}; train.temperature="
+            f"{temperature:g} with train.topk_handling=tail needs τ={temperature:g} there: rebuild the cache with "
+            f"cache.temperatures=[{temperature:g}] (teacher.backend=hf), or set train.topk_handling=renormalize")
+    return tempered.index(temperature)

@@ -61,23 +61,30 @@ def test_repeats_and_conditions_recorded(tiny_results):
     gkd = tiny_results["online_gkd"]["results"]
     assert gkd["gkd_settings"] == {"lmbda": 0.0, "beta": 0.0, "temperature": 1.0, "seq_kd": False}
     assert gkd["teacher_over_student_params"] >= 4  # the rule for a meaningful online baseline
-    sizes = tiny_results["cache_size"]["results"]
-    assert set(sizes) == {"4", "8"}
-    for k, row in sizes.items():
-        assert row["bytes_on_disk"] == sum(row["bytes_by_array"].values())
-        assert row["bytes_per_kept_entry"] == pytest.approx(
-            (row["bytes_by_array"]["topk_ids"] + row["bytes_by_array"]["topk_logprobs"])
-            / (row["distilled_positions"] * int(k)))
-        assert 0 < row["kept_mass"]["min"] <= row["kept_mass"]["median"] <= 1.0 + 1e-5
-    # more kept entries can only keep more mass, position by position
-    assert sizes["8"]["kept_mass"]["min"] >= sizes["4"]["kept_mass"]["min"]
+    by_encoding = tiny_results["cache_size"]["results"]
+    assert set(by_encoding) == {"plain", "compact", "compact_over_plain"}
+    topk_arrays = {"plain": ("topk_ids", "topk_logprobs"),
+                   "compact": ("topk_id_deltas", "topk_logprob_codes", "topk_top_logprobs")}
+    for encoding, arrays in topk_arrays.items():
+        sizes = by_encoding[encoding]
+        assert set(sizes) == {"4", "8"}
+        for k, row in sizes.items():
+            assert row["bytes_on_disk"] == sum(row["bytes_by_array"].values())
+            assert row["bytes_per_kept_entry"] == pytest.approx(
+                sum(row["bytes_by_array"][name] for name in arrays) / (row["distilled_positions"] * int(k)))
+            assert 0 < row["kept_mass"]["min"] <= row["kept_mass"]["median"] <= 1.0 + 1e-5
+        # more kept entries can only keep more mass, position by position
+        assert sizes["8"]["kept_mass"]["min"] >= sizes["4"]["kept_mass"]["min"]
+    for k, value in by_encoding["compact_over_plain"].items():
+        assert value == pytest.approx(by_encoding["compact"][k]["bytes_per_kept_entry"]
+                                      / by_encoding["plain"][k]["bytes_per_kept_entry"])
 
 
 def test_markdown_table_has_every_section(tiny_results):
     table = markdown_table(tiny_results)
     for heading in ("| stage one:", "| stage two:", "| cache: K", "| loader |", "online GKD (TRL"):
         assert heading in table
-    assert "| hf, 2-shot |" in table and "| 8 |" in table
+    assert "| hf, 2-shot |" in table and "| 8 | compact |" in table
 
 
 def test_spread_and_ratio():

@@ -36,8 +36,10 @@ def build_student(directory: Path, seed: int = 1, vocab_rows: int = STUDENT_VOCA
 
 
 @torch.no_grad()
-def teacher_samples(teacher_dir: Path, num_samples: int, seed: int, top_k: int = TOP_K) -> list[dict]:
-    """Cache samples: random word sequences; the teacher's top-K at every position p >= 1 (0-shot: same ids)."""
+def teacher_samples(teacher_dir: Path, num_samples: int, seed: int, top_k: int = TOP_K,
+                    temperatures: tuple[float, ...] = ()) -> list[dict]:
+    """Cache samples: random word sequences; the teacher's top-K at every position p >= 1 (0-shot: same ids);
+    with ``temperatures`` (none 1) also log_normalizers [n, M] = log Σ_V p^(1/τ) as stage one stores them."""
     teacher = Qwen3ForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     rng = np.random.default_rng(seed)
     samples = []
@@ -54,18 +56,21 @@ def teacher_samples(teacher_dir: Path, num_samples: int, seed: int, top_k: int =
             "topk_ids": top.indices.numpy(), "topk_logprobs": top.values.numpy().astype(np.float32),
             "label_logprobs": rows[np.arange(len(positions)), ids[positions]].numpy().astype(np.float32),
         })
+        if temperatures:
+            samples[-1]["log_normalizers"] = torch.stack(
+                [torch.logsumexp(rows / tau, dim=-1) for tau in temperatures], dim=1).numpy().astype(np.float32)
     return samples
 
 
 def write_cache(path: Path, samples: list[dict], tokenizer, *, parts: int = 2, top_k: int = TOP_K,
-                finalize: bool = True) -> Path:
+                finalize: bool = True, temperatures: tuple[float, ...] = (1.0,)) -> Path:
     meta = {"fingerprints": {"teacher": "random-teacher", "tokenizer": tokenizer_fingerprint(tokenizer),
                              "data": "random-words", "prompt": "none"},
             "top_k": top_k, "logprob_mode": "raw_logprobs", "config": {}}
     size = -(-len(samples) // parts)
     chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
     writer = CacheWriter(path, meta, len(chunks), top_k=top_k, vocab_size=MODEL_VOCAB_SIZE,
-                         logprob_dtype="float32")
+                         logprob_dtype="float32", temperatures=temperatures)
     with writer:
         for part_id in writer.pending_parts():
             write_part(path, part_id, chunks[part_id])

@@ -10,6 +10,7 @@ import pytest
 
 from kd.config import Config
 from kd.errors import ConfigError
+from kd.teacher.factory import requested_temperatures
 from pipeline.cli import main as cli_main
 from pipeline.config_loader import REPO_CONFIGS_DIR, load_config
 
@@ -93,6 +94,18 @@ ERROR_CASES = {
     "eval_baseline": (None, "tiny", ["eval.baseline=dpo"], "eval.baseline"),
     "eval_step_zero": (None, "tiny", ["eval.steps=[0,50]"], "eval.steps"),
     "eval_fallback": (None, "tiny", ["eval.answer_fallback=first"], "eval.answer_fallback"),
+    # Temperatures: the vllm backend cannot store a normalizer at τ != 1; a tail-tempered loss needs one.
+    "temperature_zero": (None, "tiny", ["teacher.backend=hf", "cache.temperatures=[0]"],
+                         "cache.temperatures[0]: must be a finite number > 0"),
+    "temperatures_with_vllm": (None, "tiny", ["cache.temperatures=[2.0]"],
+                               "cache.temperatures: teacher.backend=vllm gives top-K logprobs at τ=1 only"),
+    "tail_temperature_with_vllm": (None, "tiny", ["train.temperature=2", "train.topk_handling=tail"],
+                                   "train.temperature: train.topk_handling=tail at τ=2 needs the teacher's "
+                                   "log-normalizer at τ=2 in the cache to temper the tail exactly; use "
+                                   "teacher.backend=hf"),
+    "tail_temperature_not_listed": (None, "tiny", ["teacher.backend=hf", "train.temperature=2",
+                                                   "train.topk_handling=tail", "cache.temperatures=[3]"],
+                                    "add 2 to cache.temperatures"),
 }
 
 
@@ -133,3 +146,14 @@ def test_show_config_prints_resolved_yaml(capsys):
     assert cli_main(["show-config", "--config", "tiny", "teacher.top_k=9"]) == 0
     out = capsys.readouterr().out
     assert "top_k: 9" in out and "pipeline/assets/tiny/teacher" in out
+
+
+def test_stored_temperatures_default_to_the_training_temperature_where_the_backend_can():
+    assert requested_temperatures(load_config("tiny", [])) == [1.0]
+    assert requested_temperatures(load_config("tiny", ["teacher.backend=hf", "train.temperature=2"])) == [1.0, 2.0]
+    assert requested_temperatures(load_config("tiny", ["teacher.backend=hf", "cache.temperatures=[5,0.5,1]"])) \
+        == [1.0, 0.5, 5.0]
+    # renormalize is exact at any τ: the vllm backend trains at τ=2 from a τ=1-only cache.
+    assert requested_temperatures(load_config("tiny", ["train.temperature=2", "train.topk_handling=renormalize"])) \
+        == [1.0]
+    assert requested_temperatures(load_config("bitdistill", [])) == [1.0, 5.0]

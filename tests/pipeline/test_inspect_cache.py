@@ -25,7 +25,8 @@ def test_json_summary(tiny_hf_cache, capsys):
     summary = json.loads(capsys.readouterr().out)
     cache = open_cache(tiny_hf_cache.cache.path)
     assert summary["samples"] == len(cache) == 24
-    assert summary["top_k"] == 8 and summary["format_version"] == FORMAT_VERSION == 2
+    assert summary["top_k"] == 8 and summary["format_version"] == FORMAT_VERSION == 3
+    assert summary["temperatures"] == [1.0] and summary["tempered_kept_mass"] == {}
     assert summary["distilled_positions"] == cache.num_label_positions
     assert summary["student_tokens"] == cache.num_tokens
     assert summary["bytes_per_position"] == summary["bytes_on_disk"] / summary["distilled_positions"]

@@ -64,6 +64,25 @@ def test_independent_rescoring_finds_every_cached_value(tiny_hf_cache):
         assert np.abs(shifted - sample["topk_logprobs"]).max() > 0.1
 
 
+def test_tempered_cache_stores_the_exact_log_normalizer(tmp_path):
+    """train.temperature=2 on the hf backend: stage one stores log Σ_V p^(1/2) per position (cache.temperatures
+    defaults to [1, 2]), equal to an independent dense re-scoring, and the cache validates deeply."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(tmp_path, "train.temperature=2", "data.max_samples=8")
+    cache_teacher(cfg, workers=0, progress=False, echo=lambda *_: None)
+    cache = open_cache(cfg.cache.path)
+    validate_cache(cache, deep=True)
+    assert cache.temperatures == (1.0, 2.0) and cache.meta["format_version"] == 3
+    model = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=torch.float32).eval()
+    for sample in cache:
+        with torch.no_grad():
+            logits = model(torch.as_tensor(sample["teacher_input_ids"])[None]).logits[0].float()
+        rows = torch.log_softmax(logits, dim=-1)[torch.as_tensor(sample["teacher_positions"]) - 1]  # [n, V]
+        np.testing.assert_allclose(sample["log_normalizers"][:, 0], torch.logsumexp(rows / 2, -1).numpy(),
+                                   atol=1e-4, rtol=0)
+
+
 def test_rerun_is_a_no_op_and_mismatch_is_refused(tiny_hf_cache):
     cfg = tiny_hf_cache
     said = []

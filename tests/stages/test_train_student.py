@@ -9,9 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cache_schema import open_cache
 from kd.training.metrics import read_metrics
 from stages import train_student as ts
-from tests.helpers.train_helpers import quiet, random_world, train_records, world_config  # noqa: F401
+from tests.helpers.tiny_teacher import build_tokenizer
+from tests.helpers.train_helpers import (  # noqa: F401
+    quiet,
+    random_world,
+    teacher_samples,
+    train_records,
+    world_config,
+    write_cache,
+)
 
 
 def _trainable(path):
@@ -176,3 +185,31 @@ def test_gradient_checkpointing_changes_memory_not_results(random_world, tmp_pat
     a, b = train_records(tmp_path / "plain"), train_records(tmp_path / "ckpt")
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6)
+
+
+def test_tail_tempered_training_feeds_the_cached_normalizer_to_the_loss(random_world, tmp_path, monkeypatch):
+    """A cache holding τ=2 normalizers trains with tail handling at τ=2, and every loss call receives the
+    column for τ=2 of exactly the batch's positions (not the τ=0.5 one, not None)."""
+    samples = teacher_samples(random_world["teacher"], 24, seed=3, temperatures=(0.5, 2.0))
+    cache_dir = write_cache(tmp_path / "tempered", samples, build_tokenizer(), temperatures=(1.0, 0.5, 2.0))
+    by_id = {s["sample_id"]: s for s in open_cache(cache_dir)}
+    seen = []
+    real_loss = ts.distillation_loss
+
+    def spy(gather, teacher, **kwargs):
+        seen.append(kwargs["teacher_log_normalizer"])
+        return real_loss(gather, teacher, **kwargs)
+
+    monkeypatch.setattr(ts, "distillation_loss", spy)
+    batches = []
+    real_loss_of = ts._loss
+    monkeypatch.setattr(ts, "_loss", lambda cfg, gather, batch, column: (batches.append(batch),
+                                                                          real_loss_of(cfg, gather, batch, column))[1])
+    cfg = world_config(random_world, tmp_path / "run", f"cache.path={cache_dir}", "teacher.backend=hf",
+                       "train.temperature=2", "train.topk_handling=tail", "train.max_steps=2",
+                       "train.eval_every=0", "train.save_every=0", "train.num_validation_samples=4")
+    summary = ts.train_student(cfg, progress=False, echo=quiet)
+    assert math.isfinite(summary["final_train_loss"]) and batches
+    for batch, normalizer in zip(batches, seen):
+        want = torch.cat([torch.from_numpy(by_id[i]["log_normalizers"][:, 1]) for i in batch.sample_ids])
+        torch.testing.assert_close(normalizer, want, rtol=0, atol=0)

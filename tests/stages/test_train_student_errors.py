@@ -169,3 +169,11 @@ def test_output_dir_of_a_run_on_another_cache_is_refused(random_world, tmp_path)
     group.attrs["fingerprints"] = fingerprints  # same arrays, another data fingerprint: another cache
     _refused(world_config(random_world, out, "train.max_steps=2", f"cache.path={other}"),
              r"another cache data fingerprint; pass --overwrite", resume=True)
+
+
+def test_tail_tempering_at_a_temperature_the_cache_lacks_is_refused(random_world, tmp_path):
+    message = _refused(world_config(random_world, tmp_path / "run", "teacher.backend=hf", "train.temperature=2",
+                                    "train.topk_handling=tail"),
+                       r"^cache\.path: cache .* tempers the teacher's tail exactly only at τ = 1; train\.temperature=2")
+    assert "train.topk_handling=renormalize" in message
+    assert not (tmp_path / "run").exists()

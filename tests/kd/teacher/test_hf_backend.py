@@ -50,6 +50,28 @@ def assert_same_top_k(ids, logprobs, ref_ids, ref_logprobs, full_rows, tolerance
         assert abs(full_rows[row, ids[row, col]] - ref_logprobs[row, col]) <= tolerance, (row, col)
 
 
+def test_hf_log_normalizers_match_the_dense_tempered_distribution(hf_backend, dense_model):
+    """log Σ_V p^(1/τ) per position: with it the top-K tempered exactly equals the dense softmax(logits / τ)."""
+    requests = random_requests(3, seed=4)
+    temperatures = (0.5, 2.0, 5.0)
+    results = hf_backend.score(requests, temperatures=temperatures)
+    plain = hf_backend.score(requests)
+    for request, result, untempered in zip(requests, results, plain):
+        assert untempered.log_normalizers is None
+        np.testing.assert_array_equal(result.topk_logprobs, untempered.topk_logprobs)
+        _, _, _, full_rows = dense_reference(dense_model, request, TOP_K)  # [n, V] τ=1 logprobs
+        assert result.log_normalizers.shape == (len(request.teacher_positions), 3)
+        for column, tau in enumerate(temperatures):
+            want = torch.logsumexp(torch.from_numpy(full_rows).double() / tau, dim=-1).numpy()
+            np.testing.assert_allclose(result.log_normalizers[:, column], want, atol=DENSE_TOLERANCE / tau, rtol=0)
+            tempered = torch.from_numpy(full_rows).double().div(tau).log_softmax(-1).numpy()  # dense at τ
+            got = result.topk_logprobs / tau - result.log_normalizers[:, column:column + 1]
+            np.testing.assert_allclose(got, np.take_along_axis(tempered, result.topk_ids, 1),
+                                       atol=2 * DENSE_TOLERANCE / min(tau, 1.0), rtol=0)
+    empty = hf_backend.score([ScoreRequest([5, 6, 7], np.array([], dtype=np.int64))], temperatures=(2.0,))[0]
+    assert empty.log_normalizers.shape == (0, 1)
+
+
 def test_hf_matches_dense_reference(hf_backend, dense_model):
     requests = random_requests(6, seed=1)
     results = hf_backend.score(requests)

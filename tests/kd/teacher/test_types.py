@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kd.errors import BackendUnavailableError
-from kd.teacher.types import ScoreRequest, ScoreRequestError, checked_request_arrays
+from kd.errors import BackendUnavailableError, TeacherConfigError
+from kd.teacher.types import ScoreRequest, ScoreRequestError, check_no_temperatures, checked_request_arrays
 from kd.teacher.vllm_backend import parse_prompt_logprobs
 from tests.helpers.tiny_teacher import load_teacher
 
@@ -79,3 +79,9 @@ def test_checked_request_arrays_accepts_lists_and_rejects_float_positions():
     assert ids.dtype == np.int64 and positions.tolist() == [2, 1]
     with pytest.raises(ScoreRequestError, match="request 3: teacher_positions must be a 1-D integer array"):
         checked_request_arrays(ScoreRequest([1, 2, 3], np.array([1.0])), 3, vocab_size=10)
+
+
+def test_a_top_k_only_backend_refuses_log_normalizers():
+    check_no_temperatures((), "vllm")
+    with pytest.raises(TeacherConfigError, match=r"teacher.backend=vllm returns top-K logprobs at τ=1 only .* τ=2, 5"):
+        check_no_temperatures((2.0, 5.0), "vllm")

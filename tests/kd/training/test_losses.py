@@ -329,22 +329,67 @@ def test_tempering_at_one_is_identity(handling):
         assert tail is None
 
 
-def test_tempering_tail_is_the_k_plus_one_bucket_softmax_and_exact_without_tail():
-    t_logits, _, _, t_lp, _ = make_case(7, k=5)
-    lp, tail = temper_teacher(t_lp, 2.0, "tail")
-    buckets = torch.cat([t_lp, torch.log(1 - t_lp.exp().sum(-1, keepdim=True))], -1)
-    want = F.log_softmax(buckets / 2.0, -1)
-    torch.testing.assert_close(lp, want[:, :-1], rtol=0, atol=1e-12)
-    torch.testing.assert_close(tail, want[:, -1], rtol=0, atol=1e-12)
-    # Renormalize: exact restriction of the tempered full distribution to S.
-    lp_r, _ = temper_teacher(t_lp, 2.0, "renormalize")
-    full_t = F.log_softmax(t_logits / 2.0, -1).topk(5, -1).values
+def log_normalizer(t_logits, tau):
+    """[N, V] teacher logits -> [N] log Σ_V p^(1/τ) of the τ=1 softmax: what stage one stores per τ."""
+    return torch.logsumexp(F.log_softmax(t_logits, -1) / tau, dim=-1)
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0, 5.0])
+def test_tempering_the_tail_with_the_log_normalizer_is_exact(tau):
+    t_logits, _, ids, t_lp, _ = make_case(7, k=5)
+    lp, tail = temper_teacher(t_lp, tau, "tail", log_normalizer(t_logits, tau))
+    dense = F.log_softmax(t_logits / tau, -1)  # [N, V] the tempered full distribution
+    torch.testing.assert_close(lp, dense.gather(-1, ids), rtol=0, atol=1e-12)
+    torch.testing.assert_close(tail.exp(), 1 - dense.gather(-1, ids).exp().sum(-1), rtol=0, atol=1e-12)
+    # Renormalize: exact restriction of the tempered full distribution to S, with no normalizer needed.
+    lp_r, _ = temper_teacher(t_lp, tau, "renormalize")
+    full_t = dense.gather(-1, ids)
     torch.testing.assert_close(lp_r, full_t - full_t.logsumexp(-1, keepdim=True), rtol=0, atol=1e-12)
-    # K = V: no tail, so tempering is exact and the tail stays empty.
-    t_logits, _, _, t_full, _ = make_case(7)
-    lp_f, tail_f = temper_teacher(t_full, 3.0, "tail")
-    torch.testing.assert_close(lp_f, F.log_softmax(t_logits / 3.0, -1).topk(40, -1).values, rtol=0, atol=1e-12)
-    assert tail_f.exp().max() < 1e-300
+
+
+def test_tempering_the_tail_without_a_normalizer_is_refused():
+    _, _, _, t_lp, _ = make_case(7, k=5)
+    with pytest.raises(ValueError, match="log-normalizer"):
+        temper_teacher(t_lp, 2.0, "tail")
+    with pytest.raises(ValueError, match=r"\[N=6\]"):
+        temper_teacher(t_lp, 2.0, "tail", torch.zeros(5, dtype=DT))
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0, 5.0])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_tempered_tail_loss_is_a_lower_bound_and_exact_when_k_equals_v(kind, tau):
+    """At K < V the K+1-bucket loss at τ is ≤ the full-vocabulary tempered loss (data processing inequality);
+    at K = V it equals it. Before the cache stored normalizers the tail loss exceeded the full one."""
+    for k, exact in ((5, False), (None, True)):
+        t_logits, s_logits, ids, t_lp, _ = make_case(11, k=k)
+        gather = student_logprobs_at(torch.eye(6, dtype=DT), lambda x: x @ s_logits, ids, ids[:, 0],
+                                     temperature=tau)
+        parts = distillation_loss(gather, t_lp, kind=kind, handling="tail", beta=0.5, temperature=tau,
+                                  temperature_squared=False, teacher_log_normalizer=log_normalizer(t_logits, tau))
+        per_position_full = dense_reference(kind, t_logits / tau, s_logits / tau)
+        if exact:
+            torch.testing.assert_close(parts.kd, per_position_full.mean(), rtol=0, atol=1e-10)
+        else:
+            assert parts.kd <= per_position_full.mean() + 1e-12
+            assert parts.kd > 0
+
+
+def test_tempered_tail_lower_bound_at_bitdistill_settings():
+    """K=64, V=32000, τ=5 (configs/bitdistill.yaml): the old single-token tail tempering was 45–92× the true KL;
+    with the normalizer the tail bucket holds the teacher's true tempered tail and the loss is a lower bound."""
+    g = torch.Generator().manual_seed(3)
+    t_logits = torch.randn(4, 32000, generator=g, dtype=DT) * 4
+    s_logits = torch.randn(4, 32000, generator=g, dtype=DT) * 4
+    t_lp, ids = F.log_softmax(t_logits, -1).topk(64, dim=-1)
+    tau = 5.0
+    lp, tail = temper_teacher(t_lp, tau, "tail", log_normalizer(t_logits, tau))
+    true_tail = 1 - F.softmax(t_logits / tau, -1).gather(-1, ids).sum(-1)
+    assert true_tail.min() > 0.9  # most of the tempered mass is outside the top-64
+    torch.testing.assert_close(tail.exp(), true_tail, rtol=0, atol=1e-10)
+    s_lp = F.log_softmax(s_logits / tau, -1).gather(-1, ids)
+    sparse = forward_kl(s_lp, lp, "tail", teacher_tail=tail)
+    full = dense_forward_kl(t_logits / tau, s_logits / tau)
+    assert torch.all(sparse <= full + 1e-12)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
@@ -353,7 +398,8 @@ def test_temperature_squared_and_full_vocab_tempered_kl(kind):
     t_logits, s_logits, ids, t_lp, _ = make_case(8)
     hidden = torch.eye(6, dtype=DT)
     gather = student_logprobs_at(hidden, lambda x: x @ s_logits, ids, ids[:, 0], temperature=tau)
-    common = dict(kind=kind, handling="tail", beta=0.5, temperature=tau, kd_weight=1.0, ce_weight=0.0)
+    common = dict(kind=kind, handling="tail", beta=0.5, temperature=tau, kd_weight=1.0, ce_weight=0.0,
+                  teacher_log_normalizer=log_normalizer(t_logits, tau))
     plain = distillation_loss(gather, t_lp, temperature_squared=False, **common)
     squared = distillation_loss(gather, t_lp, temperature_squared=True, **common)
     want = dense_reference(kind, t_logits / tau, s_logits / tau).mean()
