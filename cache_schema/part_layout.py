@@ -197,13 +197,16 @@ def split_block(
         sample = {
             "sample_id": sample_ids[s],
             "input_ids": _rows(block[fmt.INPUT_IDS], offsets.tokens, first, s).astype(np.int64),
-            "teacher_input_ids": _rows(block[fmt.TEACHER_INPUT_IDS], offsets.teacher_tokens, first, s).astype(np.int64),
             "label_positions": block[fmt.LABEL_POSITIONS][labels[0] : labels[1]].astype(np.int64),
-            "teacher_positions": block[fmt.TEACHER_POSITIONS][labels[0] : labels[1]].astype(np.int64),
             "topk_ids": block[fmt.TOPK_IDS][labels[0] : labels[1]].astype(np.int64),
             "topk_logprobs": block[fmt.TOPK_LOGPROBS][labels[0] : labels[1]].astype(np.float32),
             "label_logprobs": block[fmt.LABEL_LOGPROBS][labels[0] : labels[1]].astype(np.float32),
         }
+        if fmt.TEACHER_INPUT_IDS in block:  # a reader may skip the teacher's side (stage two does)
+            sample["teacher_input_ids"] = _rows(block[fmt.TEACHER_INPUT_IDS], offsets.teacher_tokens, first,
+                                                s).astype(np.int64)
+        if fmt.TEACHER_POSITIONS in block:
+            sample["teacher_positions"] = block[fmt.TEACHER_POSITIONS][labels[0] : labels[1]].astype(np.int64)
         if fmt.LOG_NORMALIZERS in block:
             sample[fmt.LOG_NORMALIZERS_KEY] = block[fmt.LOG_NORMALIZERS][labels[0] : labels[1]].astype(np.float32)
         if offsets.relations is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from cache_schema.encoding import decode_rows, topk_array_names
 from cache_schema.part_layout import PartOffsets, StorageDtypes, decode_sample_ids, split_block
 
 _ITER_BLOCK = 256  # samples per read when iterating: amortizes chunk decoding across neighbours
+SKIPPABLE_KEYS = (fmt.TEACHER_INPUT_IDS, fmt.TEACHER_POSITIONS)
+"""Sample keys a reader may leave out (``KDCache.read_range(skip=...)``); the sample key equals the array name."""
 _FLAT_BY_OFFSETS = {
     fmt.INPUT_IDS: "tokens",
     fmt.TEACHER_INPUT_IDS: "teacher_tokens",
@@ -60,13 +62,14 @@ class PartView:
     """The cache's storage layout (its top-K encoding decides which arrays hold the top-K rows)."""
     vocab_size: int = 0
 
-    def read_block(self, first: int, stop: int) -> dict[str, np.ndarray]:
+    def read_block(self, first: int, stop: int, skip: Collection[str] = ()) -> dict[str, np.ndarray]:
         """Rows of every flat array covering local samples [first, stop), one contiguous slice each; the top-K
-        rows decoded to ``topk_ids`` / ``topk_logprobs`` whatever the encoding."""
+        rows decoded to ``topk_ids`` / ``topk_logprobs`` whatever the encoding. Arrays named in ``skip`` (only
+        ``teacher_input_ids`` / ``teacher_positions`` may be skipped) are not read."""
         slices = {}
         for name, offsets_name in _FLAT_BY_OFFSETS.items():
             bounds = getattr(self.offsets, offsets_name)
-            if bounds is not None and name in self.arrays:
+            if bounds is not None and name in self.arrays and name not in skip:
                 slices[name] = slice(int(bounds[first]), int(bounds[stop]))
         return self._decoded(self._read(slices))
 
@@ -278,17 +281,23 @@ class KDCache:
             raise IndexError(f"sample index {index} out of range for a cache of {length} samples")
         return self.read_range(position, position + 1)[0]
 
-    def read_range(self, start: int, stop: int) -> list[dict[str, Any]]:
-        """Samples [start, stop) in order, reading one contiguous slice per array per part touched."""
+    def read_range(self, start: int, stop: int, skip: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Samples [start, stop) in order, reading one contiguous slice per array per part touched.
+
+        ``skip``: keys of :data:`SKIPPABLE_KEYS` to leave out (stage two never needs the teacher's sequence,
+        often the longest array: 8 worked examples before the question)."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"range [{start}, {stop}) out of bounds for a cache of {len(self)} samples")
+        unknown = set(skip) - set(SKIPPABLE_KEYS)
+        if unknown:
+            raise ValueError(f"only {SKIPPABLE_KEYS} can be skipped, got {sorted(unknown)}")
         samples: list[dict[str, Any]] = []
         position = start
         while position < stop:
             part_index, local = self._locate(position)
             part = self.parts[part_index]
             local_stop = min(len(part.sample_ids), local + (stop - position))
-            block = part.read_block(local, local_stop)
+            block = part.read_block(local, local_stop, skip)
             block_samples = split_block(
                 block, part.offsets, local, local_stop, part.sample_ids, self.dtypes.num_relation_heads
             )

@@ -4,8 +4,10 @@
 by a background thread; :func:`iterate_once` walks held-out samples once for validation. Which samples train
 and which are held out, and whether a cache fits a student, is :mod:`kd.training.training_data`'s.
 
-Order. Epoch ``e`` visits ``indices`` in the permutation drawn by ``numpy.random.default_rng([seed, e])`` (or in
-the given order when ``shuffle=False``) cut into *global* batches of ``batch_size * world_size`` samples; rank
+Order. Epoch ``e`` visits ``indices`` in the block-window shuffle drawn by ``numpy.random.default_rng([seed, e])``
+(:func:`kd.training.cache_blocks.window_shuffled`: blocks of 64 consecutive samples permuted, samples permuted
+within windows of 16 blocks, so each decoded block serves a whole window; or in the given order when
+``shuffle=False``) cut into *global* batches of ``batch_size * world_size`` samples; rank
 ``r`` reads the ``r``-th ``batch_size`` slice of each. So a 2-rank run and a 1-rank run with twice the batch size
 see the same samples per step, every rank gets the same number of batches per epoch (no DDP hang), and the
 uneven tail of an epoch is dropped (``drop_last``). With ``max_tokens_per_batch`` the per-rank batch shrinks
@@ -38,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from kd.training.cache_blocks import STAGE_TWO_SKIPS, DecodedBlocks, window_shuffled
 
 _POLL_S = 0.1  # how often a blocked queue put/get re-checks for shutdown
 _PLANS_KEPT = 3  # epoch plans cached per schedule: the consumer's epoch and the prefetcher's next one
@@ -93,7 +97,8 @@ class Batch:
 
 
 def read_cache_samples(cache: Any, indices: Sequence[int], pool: Executor | None = None) -> list[dict[str, Any]]:
-    """cache[i] for each i in `indices`, in that order, reading each run of consecutive indices in one go.
+    """cache[i] (without the teacher's side) for each i in `indices`, in that order, reading each run of
+    consecutive indices in one go.
 
     Runs matter for in-order validation passes: one read_range slices every flat array once per run instead
     of once per sample. With `pool`, runs are read concurrently (zarr decodes outside the GIL in part).
@@ -109,7 +114,7 @@ def read_cache_samples(cache: Any, indices: Sequence[int], pool: Executor | None
     runs = np.split(ascending, breaks)
 
     def read(run: np.ndarray) -> list[dict[str, Any]]:
-        return cache.read_range(int(run[0]), int(run[-1]) + 1)
+        return cache.read_range(int(run[0]), int(run[-1]) + 1, skip=STAGE_TWO_SKIPS)
 
     for block in (pool.map(read, runs) if pool is not None and len(runs) > 1 else map(read, runs)):
         for sample in block:
@@ -159,9 +164,12 @@ def _concat(arrays: Sequence[np.ndarray], dtype: Any, tail: tuple[int, ...]) -> 
     return np.concatenate([np.asarray(a, dtype=dtype).reshape((-1, *tail)) for a in arrays])
 
 
-def load_batch(cache: Any, indices: Sequence[int], pad_id: int, pool: Executor | None = None) -> Batch:
-    """Read and collate the cache samples at `indices` (in that order)."""
-    return collate(read_cache_samples(cache, indices, pool), pad_id, int(cache.top_k))
+def load_batch(cache: Any, indices: Sequence[int], pad_id: int, pool: Executor | None = None,
+               blocks: DecodedBlocks | None = None) -> Batch:
+    """Read and collate the cache samples at `indices` (in that order), through `blocks` when given (orders
+    that stay within a few blocks at a time: the window shuffle, in-order passes)."""
+    samples = blocks.samples(indices, pool) if blocks is not None else read_cache_samples(cache, indices, pool)
+    return collate(samples, pad_id, int(cache.top_k))
 
 
 def sample_lengths(cache: Any) -> np.ndarray:
@@ -202,7 +210,11 @@ class BatchSchedule:
             return self.indices[rng.choice(self.indices.size, size=self.indices.size, p=self.probabilities)]
         if not self.shuffle:
             return self.indices
-        return self.indices[np.random.default_rng([self.seed, epoch]).permutation(self.indices.size)]
+        return window_shuffled(self.indices, np.random.default_rng([self.seed, epoch]))
+
+    def block_local(self) -> bool:
+        """True when an epoch's order stays within a window of blocks (no weighted draws with replacement)."""
+        return self.probabilities is None
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order [M], global batch boundaries [G+1]) of `epoch`, cached for the last few epochs."""
@@ -277,9 +289,10 @@ def _produce(cache: Any, schedule: BatchSchedule, pad_id: int, start: tuple[int,
     """
     epoch, batch = start
     pool = ThreadPoolExecutor(read_threads, thread_name_prefix="kd-cache-read") if read_threads > 1 else None
+    blocks = DecodedBlocks(cache) if schedule.block_local() else None
     try:
         while not stop.is_set():
-            loaded = load_batch(cache, schedule.rank_batch(epoch, batch), pad_id, pool)
+            loaded = load_batch(cache, schedule.rank_batch(epoch, batch), pad_id, pool, blocks)
             if not _put(queue, (epoch, batch, loaded), stop):
                 return
             epoch, batch = schedule.following(epoch, batch)
@@ -376,6 +389,7 @@ class CacheStream:
         )
         self._position = (0, 0)  # (epoch, batches taken in it) of the next batch the consumer gets
         self._prefetcher: _Prefetcher | None = None
+        self._blocks = DecodedBlocks(cache) if self.schedule.block_local() else None  # prefetch=0 reads
 
     @property
     def epoch(self) -> int:
@@ -395,7 +409,7 @@ class CacheStream:
     def __next__(self) -> Batch:
         epoch, batch = self._position
         if self.prefetch == 0:
-            loaded = load_batch(self.cache, self.schedule.rank_batch(epoch, batch), self.pad_id)
+            loaded = load_batch(self.cache, self.schedule.rank_batch(epoch, batch), self.pad_id, blocks=self._blocks)
         else:
             if self._prefetcher is None:
                 self._prefetcher = _Prefetcher(
@@ -496,8 +510,9 @@ def iterate_once(cache: Any, indices: Sequence[int], batch_size: int, pad_id: in
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ordered = np.asarray(indices, dtype=np.int64)
+    blocks = DecodedBlocks(cache, capacity=2)  # in order: a block serves every batch it overlaps
     for start in range(0, ordered.size, batch_size):
-        yield load_batch(cache, ordered[start:start + batch_size], pad_id)
+        yield load_batch(cache, ordered[start:start + batch_size], pad_id, blocks=blocks)
 
 
 def measure_loader(stream: Iterator[Batch], num_batches: int) -> dict[str, float]:

@@ -165,7 +165,8 @@ def test_full_mode_trains_every_weight_and_exports_the_model(random_world, tmp_p
 
 def test_ce_only_and_other_kd_kinds_run(random_world, tmp_path):
     for index, extra in enumerate([["train.kd_weight=0", "train.ce_weight=1"],
-                                   ["train.kd_kind=jsd", "train.temperature=2", "train.ce_weight=0.5"],
+                                   ["train.kd_kind=jsd", "train.temperature=2", "train.ce_weight=0.5",
+                                    "train.topk_handling=renormalize"],
                                    ["train.kd_kind=reverse_kl", "train.topk_handling=renormalize"]]):
         out = tmp_path / f"run{index}"
         ts.train_student(world_config(random_world, out, "train.max_steps=2", "train.eval_every=2", *extra),

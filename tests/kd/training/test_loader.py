@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cache_schema import CacheFormatError, open_cache, tokenizer_fingerprint
+from kd.training.cache_blocks import ORDER_BLOCK, WINDOW_BLOCKS, DecodedBlocks, window_shuffled
 from kd.training.loader import Batch, CacheStream, iterate_once, measure_loader
 from kd.training.training_data import CacheMismatch, check_student_compatible, split_indices
 from tests.cache_schema.sample_factory import NUM_RELATION_HEADS, VOCAB_SIZE, make_meta, make_parts, write_cache
@@ -173,20 +174,24 @@ class FailingCache:
         self.inner, self.bad = cache, bad
         self.top_k, self.parts = cache.top_k, cache.parts
 
-    def read_range(self, start: int, stop: int):
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def read_range(self, start: int, stop: int, skip=()):
         if start <= self.bad < stop:
             raise CacheFormatError(f"sample {self.bad}: chunk is corrupt")
-        return self.inner.read_range(start, stop)
+        return self.inner.read_range(start, stop, skip=skip)
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_a_read_error_reaches_the_consumer(cache, prefetch):
+    # The 24 samples are one block of the reader (ORDER_BLOCK = 64): the first batch reads it and fails.
+    assert len(cache) <= ORDER_BLOCK
     stream = CacheStream(FailingCache(cache, bad=17), range(len(cache)), batch_size=4, seed=0, shuffle=False,
                          pad_id=PAD, prefetch=prefetch)
-    take(stream, 4)  # samples 0..15 are fine
     with pytest.raises(CacheFormatError, match="sample 17: chunk is corrupt"):
         next(stream)
-    assert stream.state_dict()["batches_in_epoch"] == 4  # the failed batch was not counted as taken
+    assert stream.state_dict()["batches_in_epoch"] == 0  # the failed batch was not counted as taken
     assert stream._prefetcher is None  # the thread was stopped
     with pytest.raises(CacheFormatError):  # a retry reads the same batch again
         next(stream)
@@ -316,3 +321,35 @@ def test_batch_to_moves_every_tensor(cache):
     moved = batch.to("meta")
     assert moved.input_ids.device.type == moved.topk_logprobs.device.type == "meta"
     assert moved.sample_ids == batch.sample_ids and batch.input_ids.device.type == "cpu"
+
+
+def test_window_shuffle_is_a_seeded_permutation_that_stays_within_windows():
+    indices = np.arange(3, 5000, dtype=np.int64)  # blocks 0..78, the first and last partial
+    order = window_shuffled(indices, np.random.default_rng([0, 1]))
+    np.testing.assert_array_equal(np.sort(order), indices)  # every sample once
+    np.testing.assert_array_equal(order, window_shuffled(indices, np.random.default_rng([0, 1])))
+    assert not np.array_equal(order, window_shuffled(indices, np.random.default_rng([0, 2])))
+    window_size = ORDER_BLOCK * WINDOW_BLOCKS
+    for start in range(0, order.size - window_size, window_size // 2):
+        # any stretch of a window's length touches at most two windows' blocks
+        assert np.unique(order[start:start + window_size] // ORDER_BLOCK).size <= 2 * WINDOW_BLOCKS
+    # samples of a block are spread over its window, not kept together
+    first_window = order[: window_size]
+    assert np.abs(np.diff(first_window)).mean() > ORDER_BLOCK
+
+
+def test_decoded_blocks_return_what_the_cache_holds_without_the_teacher_side(tmp_path):
+    path = tmp_path / "c"
+    write_cache(path, make_parts(seed=8, part_sizes=[70, 90], top_k=K), top_k=K, meta=make_meta(top_k=K))
+    cache = open_cache(path)
+    blocks = DecodedBlocks(cache, capacity=1)  # evicts constantly: correctness does not depend on hits
+    wanted = np.random.default_rng(0).permutation(len(cache))[:50]
+    for got, index in zip(blocks.samples(wanted), wanted, strict=True):
+        want = cache[int(index)]
+        assert set(want) - set(got) == {"teacher_input_ids", "teacher_positions"}
+        for key in got:
+            if key != "sample_id":
+                np.testing.assert_array_equal(got[key], want[key])
+        assert got["sample_id"] == want["sample_id"]
+    with pytest.raises(ValueError, match="can be skipped"):
+        cache.read_range(0, 1, skip=("topk_ids",))
