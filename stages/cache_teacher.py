@@ -40,6 +40,7 @@ from kd.data.sequences import AlignedSample
 from kd.data.training_set import build_training_set, training_set_fingerprints
 from kd.errors import DataError, UserError
 from kd.teacher.factory import load_backend
+from kd.teacher.server_backend import describe_servers, server_identity
 from kd.teacher.types import ScoreRequest, check_top_k_fits
 from kd.tokenizer import load_tokenizer
 
@@ -71,16 +72,19 @@ def _model_config(model: str) -> dict:
         raise UserError(f"teacher.model={model!r}: cannot load its config ({str(exc).splitlines()[0]})") from None
 
 
-def _teacher_length_limit(cfg: Config, model_config: dict) -> int | None:
-    limits = [cfg.data.max_teacher_len, cfg.teacher.max_model_len, model_config.get("max_position_embeddings")]
+def _teacher_length_limit(cfg: Config, model_config: dict, served: dict | None) -> int | None:
+    limits = [cfg.data.max_teacher_len, cfg.teacher.max_model_len, model_config.get("max_position_embeddings"),
+              (served or {}).get("max_model_len")]
     limits = [int(x) for x in limits if x]
     return min(limits) if limits else None
 
 
-def _teacher_fingerprint(teacher: TeacherConfig, model_config: dict) -> str:
-    """What makes two teachers score alike: the model and its config, the engine, dtype and relation settings."""
-    return json_fingerprint({"model": teacher.model, "config": model_config, "backend": teacher.backend,
-                             "dtype": teacher.dtype, "relations": config_to_dict(teacher)["attention"]})
+def _teacher_fingerprint(teacher: TeacherConfig, model_config: dict, served: dict | None) -> str:
+    """What makes two teachers score alike: the model and its config, the engine, dtype and relation settings
+    (and for servers, the served model name and vLLM version)."""
+    identity = {"model": teacher.model, "config": model_config, "backend": teacher.backend,
+                "dtype": teacher.dtype, "relations": config_to_dict(teacher)["attention"]}
+    return json_fingerprint(identity | ({"server": served} if served else {}))
 
 
 def _check_existing(path: str, meta: dict, overwrite: bool) -> str:
@@ -108,19 +112,23 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
                         "different tokenizers; cached token ids would mean different things to the student")
     check_top_k_fits(cfg.teacher.top_k, len(tokenizer), cfg.teacher.model)
     model_config = _model_config(cfg.teacher.model)
-    training = build_training_set(cfg.data, cfg.seed, tokenizer, _teacher_length_limit(cfg, model_config))
+    # Servers are asked what they serve before anything is read or scored; the cache records the answer.
+    served = server_identity(describe_servers(cfg.teacher, tokenizer)) if cfg.teacher.backend == "server" else None
+    training = build_training_set(cfg.data, cfg.seed, tokenizer, _teacher_length_limit(cfg, model_config, served))
     if not training.built:
         origin = cfg.data.train or cfg.data.mixture_file or "data.mixture"
         raise DataError(f"{origin}: no sample fits (first reason: {training.skipped[0]})")
     size = cfg.cache.shard_size
     shards = [training.built[i:i + size] for i in range(0, len(training.built), size)]
-    fingerprints = {"teacher": _teacher_fingerprint(cfg.teacher, model_config),
+    fingerprints = {"teacher": _teacher_fingerprint(cfg.teacher, model_config, served),
                     **training_set_fingerprints(training, cfg.data, cfg.seed, tokenizer)}
     meta = {"fingerprints": fingerprints,
             "top_k": cfg.teacher.top_k, "logprob_mode": cfg.teacher.logprob_mode,
             "config": config_to_dict(cfg), "teacher_model": cfg.teacher.model, "backend": cfg.teacher.backend,
             "num_fewshot": cfg.data.num_fewshot, "skipped_samples": len(training.skipped),
             "sources": training.sources, "source_formats": training.formats}
+    if served:
+        meta["teacher_server"] = served
     if cfg.teacher.attention.enabled:
         meta["relations"] = {"layer": cfg.teacher.attention.layer, "num_relation_heads":
                              cfg.teacher.attention.num_heads, "kinds": ["qq", "kk", "vv"]}
