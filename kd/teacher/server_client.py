@@ -59,7 +59,7 @@ class RetryPolicy:
     timeout_s: float
 
     @classmethod
-    def from_config(cls, server: ServerConfig) -> "RetryPolicy":
+    def from_config(cls, server: ServerConfig) -> RetryPolicy:
         return cls(retries=server.retries, backoff_s=server.backoff_s, timeout_s=server.timeout_s)
 
     def wait_before(self, attempt: int) -> float:

@@ -39,7 +39,7 @@ class VllmServer:
                      "--max-logprobs", str(max_logprobs), "--max-model-len", str(max_model_len)]
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "VllmServer":
+    def start(self) -> VllmServer:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *self.args],
                                         stdout=log, stderr=subprocess.STDOUT, env=os.environ | CPU_SERVER_ENV,
