@@ -40,7 +40,7 @@ from kd.data.sequences import AlignedSample
 from kd.data.training_set import build_training_set, training_set_fingerprints
 from kd.errors import DataError, UserError
 from kd.teacher.factory import load_backend
-from kd.teacher.server_backend import describe_servers, server_identity
+from kd.teacher.server_backend import describe_servers, server_identity, server_length_limit
 from kd.teacher.types import ScoreRequest, check_top_k_fits
 from kd.tokenizer import load_tokenizer
 
@@ -74,7 +74,7 @@ def _model_config(model: str) -> dict:
 
 def _teacher_length_limit(cfg: Config, model_config: dict, served: dict | None) -> int | None:
     limits = [cfg.data.max_teacher_len, cfg.teacher.max_model_len, model_config.get("max_position_embeddings"),
-              (served or {}).get("max_model_len")]
+              server_length_limit(served or {})]
     limits = [int(x) for x in limits if x]
     return min(limits) if limits else None
 

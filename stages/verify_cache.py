@@ -10,7 +10,7 @@
    does agree with the teacher at a neighbouring position is counted as misaligned (an off-by-one).
 3. **finish** — a report: holds (exit 0) or not (exit 1); user errors exit 2 in the CLI.
 
-Nothing is written anywhere.
+Attention relations (if the cache has them) are not re-scored. Nothing is written anywhere.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ def verification_teacher(cache: KDCache, backend: str | None = None, model: str 
     teacher = config["teacher"]
     teacher["backend"] = backend or DEFAULT_VERIFY_BACKEND
     teacher["top_k"] = cache.top_k
+    # Only the top-K scores are verified: relations would need hf and cost a forward pass of their own.
+    teacher.setdefault("attention", {})["enabled"] = False
+    config.setdefault("train", {})["attention_weight"] = 0.0
     if model:
         teacher["model"] = model
     if server_urls:

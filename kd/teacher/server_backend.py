@@ -172,6 +172,13 @@ def server_identity(served: list[ServedTeacher]) -> dict[str, Any]:
             "max_model_len": served[0].max_model_len}
 
 
+def server_length_limit(identity: dict[str, Any]) -> int | None:
+    """Longest sequence a server scores: its context length less the one token the completions API generates
+    (vLLM clamps that token away, or refuses, for a prompt of the full context length)."""
+    length = identity.get("max_model_len")
+    return int(length) - 1 if length else None
+
+
 def completion_body(model_name: str, prompt_ids: list[int], top_k: int) -> dict[str, Any]:
     """A completions request that scores ``prompt_ids`` and generates the one token the API insists on."""
     return {"model": model_name, "prompt": prompt_ids, "max_tokens": 1, "temperature": 0.0,
@@ -242,7 +249,7 @@ class ServerTeacherBackend:
         self.vocab_size = _logit_width(teacher.model, tokenizer)
         check_top_k_fits(self.top_k, self.vocab_size, teacher.model)
         self.served = describe_servers(teacher, tokenizer)
-        self.max_len = self.served[0].max_model_len
+        self.max_len = server_length_limit(server_identity(self.served))
         self.policy = RetryPolicy.from_config(teacher.server)
         self.gone: dict[str, str] = {}
         """URL -> why it was given up; those servers get no more work in this run."""

@@ -50,7 +50,7 @@ def server_config(root, server: VllmServer, *extra: str):
 
 def test_server_cache_agrees_with_the_in_process_vllm_cache(tmp_path, server):
     server_cfg = server_config(tmp_path / "server", server)
-    summary = cache_teacher(server_cfg, workers=0, progress=False, echo=quiet)
+    summary = cache_teacher(server_cfg, workers=1, progress=False, echo=quiet)  # the default: a dask worker
     vllm_cfg = tiny_config(tmp_path / "vllm", *COMMON, "teacher.backend=vllm")
     cache_teacher(vllm_cfg, workers=1, progress=False, echo=quiet)
     served, offline = open_cache(server_cfg.cache.path), open_cache(vllm_cfg.cache.path)

@@ -65,7 +65,7 @@ def test_scores_match_the_dense_model_and_only_needed_tokens_are_sent(monkeypatc
     requests = requests_of(12) + [ScoreRequest([5, 6, 7, 8, 9], np.array([2]))]
     results = backend.score(requests)
     assert_dense(requests, results)
-    assert backend.vocab_size == VOCAB and backend.max_len == 2048
+    assert backend.vocab_size == VOCAB and backend.max_len == 2048 - 1  # one token is generated
     assert [5, 6, 7] in server.prompts  # tokens after max(tp) are not sent
     empty = backend.score([ScoreRequest([5, 6], np.array([], np.int64))])[0]
     assert empty.topk_ids.shape == (0, TOP_K)
