@@ -13,6 +13,7 @@ from cache_schema import open_cache, peek_cache_state, read_part_commit, validat
 from kd.errors import TeacherServerError
 from kd.tokenizer import load_tokenizer
 from pipeline.cli import main
+from pipeline.inspect import cache_summary, format_summary
 from stages.cache_teacher import cache_teacher
 from tests.helpers.fake_vllm_server import FakeServer, dense_scores, install_fake_servers
 from tests.helpers.stage_helpers import TINY_FAST, assert_caches_equal, tiny_config
@@ -43,6 +44,7 @@ def test_stage_one_records_the_server_and_stores_its_scores(monkeypatch, tmp_pat
     assert summary["samples"] == 24 and cache.meta["backend"] == "server"
     assert cache.meta["teacher_server"] == {"model_name": cfg.teacher.model, "vllm_version": "0.32.0",
                                             "max_model_len": 2048}
+    assert f"(server; served as {cfg.teacher.model} by vLLM 0.32.0)" in format_summary(cache_summary(cfg.cache.path))
     sample = cache[5]
     topk_ids, topk_logprobs, labels = dense_scores(sample["teacher_input_ids"], sample["teacher_positions"], 512, 8)
     np.testing.assert_array_equal(sample["topk_ids"], topk_ids)
