@@ -38,7 +38,7 @@ from cache_schema import (
 from kd.config import Config, TeacherConfig, config_to_dict
 from kd.data.sequences import AlignedSample
 from kd.data.training_set import build_training_set, training_set_fingerprints
-from kd.errors import DataError, UserError
+from kd.errors import DataError, TeacherServerError, UserError
 from kd.teacher.factory import load_backend
 from kd.teacher.server_backend import describe_servers, server_identity, server_length_limit
 from kd.teacher.types import ScoreRequest, check_top_k_fits
@@ -87,6 +87,23 @@ def _teacher_fingerprint(teacher: TeacherConfig, model_config: dict, served: dic
     return json_fingerprint(identity | ({"server": served} if served else {}))
 
 
+def _served_identity(cfg: Config, tokenizer) -> dict | None:
+    """``teacher.backend=server``: what the servers serve (asked before anything is read or scored), else None.
+
+    With every server down, a complete server-made cache at cache.path still answers "nothing to do": its
+    recorded identity stands in (a cache that then differs is refused, and scoring would need a server).
+    """
+    if cfg.teacher.backend != "server":
+        return None
+    try:
+        return server_identity(describe_servers(cfg.teacher, tokenizer))
+    except TeacherServerError:
+        state, existing = peek_cache_state(cfg.cache.path)
+        if state == "complete" and existing and existing.get("teacher_server"):
+            return existing["teacher_server"]
+        raise
+
+
 def _check_existing(path: str, meta: dict, overwrite: bool) -> str:
     """'absent' | 'incomplete' (resume) | 'complete' (nothing to do); refuses foreign or mismatched caches."""
     state, existing = peek_cache_state(path)
@@ -112,8 +129,7 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
                         "different tokenizers; cached token ids would mean different things to the student")
     check_top_k_fits(cfg.teacher.top_k, len(tokenizer), cfg.teacher.model)
     model_config = _model_config(cfg.teacher.model)
-    # Servers are asked what they serve before anything is read or scored; the cache records the answer.
-    served = server_identity(describe_servers(cfg.teacher, tokenizer)) if cfg.teacher.backend == "server" else None
+    served = _served_identity(cfg, tokenizer)
     training = build_training_set(cfg.data, cfg.seed, tokenizer, _teacher_length_limit(cfg, model_config, served))
     if not training.built:
         origin = cfg.data.train or cfg.data.mixture_file or "data.mixture"

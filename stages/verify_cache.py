@@ -27,7 +27,7 @@ from kd.config_checks import config_from_dict
 from kd.errors import UserError
 from kd.teacher.agreement import AgreementTolerances, PositionAgreement, position_agreement
 from kd.teacher.factory import DEFAULT_VERIFY_BACKEND, load_backend
-from kd.teacher.types import ScoreRequest, ScoreResult
+from kd.teacher.types import ScoreRequest, ScoreRequestError, ScoreResult
 
 # ---------------------------------------------------------------------------------------------------- setup
 
@@ -118,6 +118,9 @@ def run(plan: VerifyPlan) -> dict[str, Any]:
     backend = load_backend(plan.teacher, seed=plan.engine_seed)
     try:
         fresh = backend.score([ScoreRequest(s["teacher_input_ids"], order) for s, order in zip(samples, orders)])
+    except ScoreRequestError as error:  # ids outside this teacher's vocabulary, a sequence longer than it takes
+        raise UserError(f"{plan.cache.path}: {plan.teacher.model} cannot re-score the cached samples ({error}); "
+                        "verify with the teacher that wrote the cache") from None
     finally:
         backend.close()
     per_sample = [_compare_sample(s, r, o, plan.tolerances) for s, r, o in zip(samples, fresh, orders)]

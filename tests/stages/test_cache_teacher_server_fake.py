@@ -45,6 +45,11 @@ def test_stage_one_records_the_server_and_stores_its_scores(monkeypatch, tmp_pat
     assert cache.meta["teacher_server"] == {"model_name": cfg.teacher.model, "vllm_version": "0.32.0",
                                             "max_model_len": 2048}
     assert f"(server; served as {cfg.teacher.model} by vLLM 0.32.0)" in format_summary(cache_summary(cfg.cache.path))
+    # every server down: a complete matching cache still needs nothing; a changed config still needs a server
+    install_fake_servers(monkeypatch, [fake(cfg, URL_A, refuse_connections=True)])
+    assert cache_teacher(cfg, workers=0, progress=False, echo=quiet).get("nothing_to_do")
+    with pytest.raises(TeacherServerError, match="no teacher server answers"):
+        cache_teacher(server_config(tmp_path / "other", URL_A), workers=0, progress=False, echo=quiet)
     sample = cache[5]
     topk_ids, topk_logprobs, labels = dense_scores(sample["teacher_input_ids"], sample["teacher_positions"], 512, 8)
     np.testing.assert_array_equal(sample["topk_ids"], topk_ids)

@@ -20,6 +20,7 @@ from pipeline.cli import main
 from stages.cache_teacher import cache_teacher
 from stages.verify_cache import scored_positions
 from tests.helpers.stage_helpers import tiny_config
+from tests.helpers.tiny_teacher import build_tiny_teacher
 
 SCORE_ARRAYS = (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.LABEL_LOGPROBS)
 
@@ -96,6 +97,9 @@ def test_user_errors_are_one_line_exit_2(capsys, tmp_path, tiny_hf_cache):
     assert code == 2 and "teacher.server.urls" in err and len(err.strip().splitlines()) == 1
     code, _, err = verify(capsys, tiny_hf_cache.cache.path, "--teacher", str(tmp_path / "nothing"))
     assert code == 2 and "cannot be loaded" in err
+    other = build_tiny_teacher(tmp_path / "random_teacher")  # 320 logits: the cached ids reach beyond them
+    code, _, err = verify(capsys, tiny_hf_cache.cache.path, "--teacher", str(other))
+    assert code == 2 and "cannot re-score the cached samples" in err and len(err.strip().splitlines()) == 1
 
 
 def test_neighbour_positions_stay_inside_the_sequence():
