@@ -15,8 +15,8 @@ probe; vLLM refuses K above its ``--max-logprobs``). A mismatch is a one-line Te
 Work sharing: a batch of requests is a queue drained by ``max_in_flight`` workers per live server. A server
 that fails a request ``retries + 1`` times is given up for the rest of the run and that request goes back to
 the queue for the others; only when every server is gone does scoring stop (TeacherServerError). Stage one
-then keeps every committed part, and a rerun redoes just the rest. The span path of the in-process engines
-does not exist on a stock server, so this backend always reads prompt logprobs.
+then keeps every committed part, and a rerun redoes just the rest. A stock vLLM server has no counterpart of a
+span path (hidden states of the scored positions only), so this backend always reads prompt logprobs.
 """
 
 from __future__ import annotations
