@@ -33,13 +33,34 @@ class RelationConfig:
 
 
 @dataclass
+class ServerConfig:
+    """OpenAI-compatible vLLM servers that score for stage one (``teacher.backend: server``)."""
+
+    urls: List[str] = field(default_factory=list)
+    """Base URLs of the servers (``http://host:8000``); they share the requests, a dead one's go to the others."""
+    model_name: Optional[str] = None
+    """The name the servers serve the teacher under (``--served-model-name``; None: ``teacher.model``)."""
+    max_in_flight: int = 8
+    """Requests (one sequence each) in flight per server; the server batches them itself."""
+    timeout_s: float = 600.0
+    """Seconds one request may take (connect, queue, prefill and response) before it is retried."""
+    retries: int = 4
+    """Retries of a request on connection errors, timeouts, 429 and 5xx before its server is given up."""
+    backoff_s: float = 1.0
+    """Wait before the first retry; doubled for each further one (capped at 30 s)."""
+    api_key_env: Optional[str] = None
+    """Name of an environment variable holding the servers' API key (``vllm serve --api-key``); None: no key."""
+
+
+@dataclass
 class TeacherConfig:
     """The teacher model and how stage one runs it."""
 
     model: str = MISSING
     """HF hub id or local directory of the teacher."""
     backend: str = "vllm"
-    """Scoring engine: ``vllm`` (offline LLM, prompt_logprobs) or ``hf`` (transformers forward)."""
+    """Scoring engine: ``vllm`` (offline LLM, prompt_logprobs), ``hf`` (transformers forward) or ``server``
+    (running vLLM servers, ``teacher.server``; ``teacher.model`` then only provides the tokenizer and config)."""
     top_k: int = 64
     """K: how many of the teacher's most likely next tokens are cached per distilled position."""
     dtype: str = "auto"
@@ -60,6 +81,8 @@ class TeacherConfig:
     """``vllm``: context length the engine reserves (None: the model's own)."""
     attention: RelationConfig = field(default_factory=RelationConfig)
     """Optional attention-relation targets."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """``server``: where the vLLM servers are and how they are called."""
 
 
 @dataclass

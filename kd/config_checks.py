@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cache_schema import ENCODINGS
 from cache_schema.format import LOGPROB_DTYPES
-from kd.config import Config, DataConfig, EvalConfig, TrainConfig
+from kd.config import Config, DataConfig, EvalConfig, ServerConfig, TrainConfig
 from kd.data.formats import DATA_FORMATS, DOCUMENT_FORMATS, ON_ERROR_POLICIES
 from kd.data.mixture import MIXTURE_UNITS
 from kd.errors import ConfigError
@@ -27,6 +27,7 @@ from kd.student.model import STUDENT_DTYPES
 from kd.student.modes import STUDENT_MODES
 from kd.student.quantized import QAT_ACTIVATIONS, QUANTIZED_EMBEDDING_MODES
 from kd.teacher.factory import EXACT_TEMPERING_BACKENDS, TEACHER_BACKENDS, requested_temperatures
+from kd.teacher.server_client import SERVER_URL_SCHEMES
 from kd.teacher.types import LOGPROB_MODES, TEACHER_DTYPES
 from kd.training.losses import KD_KINDS, TOPK_HANDLINGS, needs_log_normalizer
 from kd.training.optimization import MIXED_PRECISION
@@ -62,6 +63,8 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
         _check(t.backend == "hf", source, "teacher.attention.enabled",
                "attention relations need teacher.backend=hf (vLLM exposes no attention)")
         _positive(t.attention.num_heads, source, "teacher.attention.num_heads")
+    if t.backend == "server":
+        _validate_server(t.server, source)
     _one_of(s.mode, STUDENT_MODES, source, "student.mode")
     _one_of(s.dtype, STUDENT_DTYPES, source, "student.dtype")
     _positive(s.lora.r, source, "student.lora.r")
@@ -115,6 +118,19 @@ def _validate_data_formats(d: DataConfig, source: str) -> None:
                f"data.format={d.format} has no question/answer structure for worked examples; set 0")
         _check(not d.teacher_system_prompt, source, "data.teacher_system_prompt",
                f"data.format={d.format} has no conversation to put a system prompt in; drop it")
+
+
+def _validate_server(server: ServerConfig, source: str) -> None:
+    _check(bool(server.urls), source, "teacher.server.urls",
+           "teacher.backend=server needs at least one server URL, e.g. teacher.server.urls=[http://host:8000]")
+    for i, url in enumerate(server.urls):
+        _check(url.startswith(SERVER_URL_SCHEMES), source, f"teacher.server.urls[{i}]",
+               f"must start with {' or '.join(SERVER_URL_SCHEMES)} (got {url!r})")
+    _check(len(set(server.urls)) == len(server.urls), source, "teacher.server.urls", "lists a URL twice")
+    _positive(server.max_in_flight, source, "teacher.server.max_in_flight")
+    _positive(server.timeout_s, source, "teacher.server.timeout_s")
+    _positive(server.retries, source, "teacher.server.retries", allow_zero=True)
+    _positive(server.backoff_s, source, "teacher.server.backoff_s", allow_zero=True)
 
 
 def _validate_train(tr: TrainConfig, source: str) -> None:

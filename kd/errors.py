@@ -35,3 +35,7 @@ class TeacherConfigError(UserError, ValueError):
 
 class BackendUnavailableError(UserError, RuntimeError):
     """The requested engine's library cannot be imported on this machine (the message gives the install hint)."""
+
+
+class TeacherServerError(UserError, RuntimeError):
+    """A teacher server cannot be reached or refuses the work (the message names the URL and what to do)."""

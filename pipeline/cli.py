@@ -14,6 +14,7 @@ import click
 
 from cache_schema import CacheError
 from kd.errors import UserError
+from kd.teacher.factory import DEFAULT_VERIFY_BACKEND, TEACHER_BACKENDS
 
 CONFIG_HELP = "Config file path, or a bare name from configs/ (e.g. tiny.yaml)."
 
@@ -48,6 +49,30 @@ def inspect_cache(path: str, as_json: bool, validate: bool) -> None:
 
     summary = cache_summary(path, validate=validate)
     click.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else format_summary(summary))
+
+
+@cli.command("verify-cache")
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="How many cached samples to re-score (a seeded random draw).")
+@click.option("--backend", type=click.Choice(TEACHER_BACKENDS), default=None,
+              help=f"Engine to re-score with (default: {DEFAULT_VERIFY_BACKEND}, whatever wrote the cache).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample draw.")
+@click.option("--teacher", "model", default=None, help="Re-score with this model instead of the recorded one.")
+@click.option("--server-url", "server_urls", multiple=True,
+              help="--backend server: a server URL (repeatable; default: the recorded teacher.server.urls).")
+@click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON.")
+@click.pass_context
+def verify_cache_command(ctx: click.Context, path: str, samples: int, backend: str | None, seed: int,
+                         model: str | None, server_urls: tuple[str, ...], as_json: bool) -> None:
+    """Re-score a random sample of a cache with its teacher; exit 0 when it agrees within tolerance, else 1."""
+    from stages.verify_cache import verify_cache
+
+    report = verify_cache(path, samples=samples, seed=seed, backend=backend, model=model,
+                          server_urls=server_urls, echo=click.echo)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    ctx.exit(0 if report["holds"] else 1)
 
 
 @cli.command("cache-teacher")
@@ -154,7 +179,8 @@ def export_command(run_dir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the group, turning user errors into one line and exit code 2."""
     try:
-        cli.main(args=argv, prog_name="pipeline", standalone_mode=False)
+        # Commands that decide their exit code (verify-cache) return it through click's Exit.
+        code = cli.main(args=argv, prog_name="pipeline", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
@@ -164,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, CacheError) as exc:
         click.echo(f"error: {_first_line(exc)}", err=True)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

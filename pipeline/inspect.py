@@ -22,6 +22,9 @@ def cache_summary(path: str, validate: bool = False) -> dict:
         "created_at": meta.get("created_at"),
         "completed_at": meta.get("completed_at"),
         "has_relations": cache.has_relations,
+        "teacher_model": meta.get("teacher_model"),
+        "backend": meta.get("backend"),
+        "teacher_server": meta.get("teacher_server"),
         "validated": bool(validate),
     }
     summary.update(cache_stats(cache))
@@ -34,6 +37,12 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def _served_by(server: dict | None) -> str:
+    if not server:
+        return ""
+    return f"; served as {server.get('model_name')} by vLLM {server.get('vllm_version')}"
 
 
 def format_summary(s: dict) -> str:
@@ -52,6 +61,7 @@ def format_summary(s: dict) -> str:
         f"top-K encoding   {s.get('encoding', 'plain')}  "
         f"({s.get('bytes_per_kept_entry') or 0:.2f} bytes per kept (id, logprob) entry)",
         f"relations        {'yes' if s['has_relations'] else 'no'}",
+        f"teacher          {s.get('teacher_model')}  ({s.get('backend')}{_served_by(s.get('teacher_server'))})",
     ]
     kept = s.get("kept_mass") or {}
     if kept:

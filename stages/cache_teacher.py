@@ -39,8 +39,9 @@ from cache_schema import (
 from kd.config import Config, TeacherConfig, config_to_dict
 from kd.data.sequences import AlignedSample
 from kd.data.training_set import build_training_set, training_set_fingerprints
-from kd.errors import DataError, UserError
+from kd.errors import DataError, TeacherServerError, UserError
 from kd.teacher.factory import load_backend, requested_temperatures
+from kd.teacher.server_backend import describe_servers, server_identity, server_length_limit
 from kd.teacher.types import ScoreRequest, check_top_k_fits
 from kd.tokenizer import load_tokenizer
 
@@ -77,16 +78,36 @@ def _model_config(model: str) -> dict:
         raise UserError(f"teacher.model={model!r}: cannot load its config ({str(exc).splitlines()[0]})") from None
 
 
-def _teacher_length_limit(cfg: Config, model_config: dict) -> int | None:
-    limits = [cfg.data.max_teacher_len, cfg.teacher.max_model_len, model_config.get("max_position_embeddings")]
+def _teacher_length_limit(cfg: Config, model_config: dict, served: dict | None) -> int | None:
+    limits = [cfg.data.max_teacher_len, cfg.teacher.max_model_len, model_config.get("max_position_embeddings"),
+              server_length_limit(served or {})]
     limits = [int(x) for x in limits if x]
     return min(limits) if limits else None
 
 
-def _teacher_fingerprint(teacher: TeacherConfig, model_config: dict) -> str:
-    """What makes two teachers score alike: the model and its config, the engine, dtype and relation settings."""
-    return json_fingerprint({"model": teacher.model, "config": model_config, "backend": teacher.backend,
-                             "dtype": teacher.dtype, "relations": config_to_dict(teacher)["attention"]})
+def _teacher_fingerprint(teacher: TeacherConfig, model_config: dict, served: dict | None) -> str:
+    """What makes two teachers score alike: the model and its config, the engine, dtype and relation settings
+    (and for servers, the served model name and vLLM version)."""
+    identity = {"model": teacher.model, "config": model_config, "backend": teacher.backend,
+                "dtype": teacher.dtype, "relations": config_to_dict(teacher)["attention"]}
+    return json_fingerprint(identity | ({"server": served} if served else {}))
+
+
+def _served_identity(cfg: Config, tokenizer) -> dict | None:
+    """``teacher.backend=server``: what the servers serve (asked before anything is read or scored), else None.
+
+    With every server down, a complete server-made cache at cache.path still answers "nothing to do": its
+    recorded identity stands in (a cache that then differs is refused, and scoring would need a server).
+    """
+    if cfg.teacher.backend != "server":
+        return None
+    try:
+        return server_identity(describe_servers(cfg.teacher, tokenizer))
+    except TeacherServerError:
+        state, existing = peek_cache_state(cfg.cache.path)
+        if state == "complete" and existing and existing.get("teacher_server"):
+            return existing["teacher_server"]
+        raise
 
 
 def _check_existing(path: str, meta: dict, overwrite: bool) -> str:
@@ -114,13 +135,14 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
                         "different tokenizers; cached token ids would mean different things to the student")
     check_top_k_fits(cfg.teacher.top_k, len(tokenizer), cfg.teacher.model)
     model_config = _model_config(cfg.teacher.model)
-    training = build_training_set(cfg.data, cfg.seed, tokenizer, _teacher_length_limit(cfg, model_config))
+    served = _served_identity(cfg, tokenizer)
+    training = build_training_set(cfg.data, cfg.seed, tokenizer, _teacher_length_limit(cfg, model_config, served))
     if not training.built:
         origin = cfg.data.train or cfg.data.mixture_file or "data.mixture"
         raise DataError(f"{origin}: no sample fits (first reason: {training.skipped[0]})")
     size = cfg.cache.shard_size
     shards = [training.built[i:i + size] for i in range(0, len(training.built), size)]
-    fingerprints = {"teacher": _teacher_fingerprint(cfg.teacher, model_config),
+    fingerprints = {"teacher": _teacher_fingerprint(cfg.teacher, model_config, served),
                     **training_set_fingerprints(training, cfg.data, cfg.seed, tokenizer)}
     meta = {"fingerprints": fingerprints,
             "top_k": cfg.teacher.top_k, "logprob_mode": cfg.teacher.logprob_mode,
@@ -128,6 +150,8 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
             "num_fewshot": cfg.data.num_fewshot, "skipped_samples": len(training.skipped),
             "sources": training.sources, "source_formats": training.formats,
             "temperatures": requested_temperatures(cfg), "encoding": encoding_meta(cfg.cache.encoding)}
+    if served:
+        meta["teacher_server"] = served
     if cfg.teacher.attention.enabled:
         meta["relations"] = {"layer": cfg.teacher.attention.layer, "num_relation_heads":
                              cfg.teacher.attention.num_heads, "kinds": ["qq", "kk", "vv"]}

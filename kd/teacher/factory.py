@@ -8,11 +8,16 @@ from __future__ import annotations
 from kd.config import Config, TeacherConfig
 from kd.teacher.types import TeacherBackend
 
-TEACHER_BACKENDS = ("vllm", "hf")
-"""``teacher.backend``: ``vllm`` (offline LLM, prompt_logprobs) or ``hf`` (transformers forward, relations too)."""
+TEACHER_BACKENDS = ("vllm", "hf", "server")
+"""``teacher.backend``: ``vllm`` (offline LLM, prompt_logprobs), ``hf`` (transformers forward, relations too) or
+``server`` (running vLLM servers' prompt logprobs over HTTP, ``teacher.server``)."""
 EXACT_TEMPERING_BACKENDS = ("hf",)
 """Backends that see the teacher's full logit row at each scored position, so they can store its
-log-normalizer at any temperature (``cache.temperatures``); vLLM's prompt logprobs are top-K at τ=1 only."""
+log-normalizer at any temperature (``cache.temperatures``); vLLM's prompt logprobs (in process or served) are
+top-K at τ=1 only."""
+
+DEFAULT_VERIFY_BACKEND = "hf"
+"""``pipeline verify-cache``'s engine unless one is given: transformers runs anywhere (CPU too), no engine start."""
 
 
 def requested_temperatures(cfg: Config) -> list[float]:
@@ -37,6 +42,10 @@ def load_backend(teacher: TeacherConfig, *, seed: int = 0, device: str = "auto")
         from kd.teacher.hf_backend import HFTeacherBackend
 
         return HFTeacherBackend(teacher, device=device)
+    if teacher.backend == "server":
+        from kd.teacher.server_backend import ServerTeacherBackend
+
+        return ServerTeacherBackend(teacher)
     from kd.teacher.vllm_backend import VLLMTeacherBackend
 
     return VLLMTeacherBackend(teacher, seed=seed)

@@ -85,7 +85,14 @@ ERROR_CASES = {
     "nan_lr": (None, "tiny", ["train.lr=nan"], "train.lr"),
     "relations_with_vllm": (None, "tiny", ["teacher.attention.enabled=true"], "teacher.attention.enabled"),
     # Refused here, not by the backend: each setting is checked once, in config validation.
-    "teacher_backend": (None, "tiny", ["teacher.backend=jax"], "teacher.backend: must be one of vllm, hf (got 'jax')"),
+    "teacher_backend": (None, "tiny", ["teacher.backend=jax"],
+                        "teacher.backend: must be one of vllm, hf, server (got 'jax')"),
+    "server_without_urls": (None, "tiny", ["teacher.backend=server"], "teacher.server.urls: teacher.backend=server "
+                            "needs at least one server URL"),
+    "server_url_scheme": (None, "tiny", ["teacher.backend=server", "teacher.server.urls=[gpu-a:8000]"],
+                          "teacher.server.urls[0]: must start with http:// or https:// (got 'gpu-a:8000')"),
+    "server_in_flight": (None, "tiny", ["teacher.backend=server", "teacher.server.urls=[http://a:1]",
+                                        "teacher.server.max_in_flight=0"], "teacher.server.max_in_flight"),
     "teacher_dtype": (None, "tiny", ["teacher.dtype=float16"],
                       "teacher.dtype: must be one of auto, bfloat16, float32 (got 'float16')"),
     "relation_heads_zero": (None, "tiny", ["teacher.backend=hf", "teacher.attention.enabled=true",
