@@ -98,8 +98,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(rando
     cfg = world_config(random_world, out, "train.max_steps=8", "train.save_every=2")
     real_loss = ts._loss
 
-    def poisoned(cfg_, gather, batch):
-        parts = real_loss(cfg_, gather, batch)
+    def poisoned(cfg_, gather, batch, column):
+        parts = real_loss(cfg_, gather, batch, column)
         if poisoned.calls >= 3:  # steps 1..3 fine; step 4's loss is NaN
             return type(parts)(parts.total * float("nan"), parts.kd, parts.ce)
         poisoned.calls += 1
