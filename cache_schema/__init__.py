@@ -16,20 +16,26 @@ from cache_schema.format import (
     CacheValidationError,
     IncompleteCacheError,
 )
+from cache_schema.integrity import CacheDamagedError
+from cache_schema.lock import CacheLockedError
+from cache_schema.overwrite import check_overwritable
 from cache_schema.reader import KDCache, open_cache
 from cache_schema.writer import CacheWriter, identity_differences, write_part
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "CacheDamagedError",
     "CacheError",
     "CacheFormatError",
+    "CacheLockedError",
     "CacheMismatchError",
     "CacheValidationError",
     "CacheWriter",
     "IncompleteCacheError",
     "KDCache",
     "cache_stats",
+    "check_overwritable",
     "file_fingerprint",
     "identity_differences",
     "json_fingerprint",

@@ -36,7 +36,7 @@ ALGORITHM = "crc32"
 REPAIR_HINT = "re-score the damaged part(s) with `pipeline cache-teacher --repair` and the same config"
 
 
-class CacheDamagedError(fmt.CacheError):
+class CacheDamagedError(fmt.CacheFormatError):
     """A committed part's stored files differ from what its commit record says (missing, changed, truncated)."""
 
 

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - a future zarr that moved it; sequentia
 
 from cache_schema import format as fmt
 from cache_schema.cache_state import peek_cache_state, read_part_commit
-from cache_schema.integrity import missing_files, part_store
+from cache_schema.integrity import REPAIR_HINT, CacheDamagedError, missing_files, part_store
 from cache_schema.part_layout import PartOffsets, StorageDtypes, array_order, decode_sample_ids, split_block
 
 _ITER_BLOCK = 256  # samples per read when iterating: amortizes chunk decoding across neighbours
@@ -112,13 +112,15 @@ def _open_part(path: Path, part_id: int, entry: dict[str, Any], has_relations: b
     commit = read_part_commit(path, part_id)
     where = f"{path}: part {part_id}"
     if commit is None or commit != entry:
-        raise fmt.CacheFormatError(f"{where}: commit record {commit!r} disagrees with the index entry {entry!r}")
+        what = "has no commit record" if commit is None else "has a commit record that disagrees with the index"
+        raise CacheDamagedError(f"{where} {what} (deleted or rewritten after the cache was completed); the cache "
+                                f"is damaged: {REPAIR_HINT}")
     missing_files(path, part_id, commit)  # a deleted chunk must be an error, never the fill value
     group = zarr.open_group(store=part_store(path, part_id, commit), mode="r", zarr_format=3)
     try:
         arrays = {name: group[name] for name in array_order(has_relations, sources is not None)}
     except KeyError as error:
-        raise fmt.CacheFormatError(f"{where}: array {error} is missing; the cache is corrupt, rebuild it") from None
+        raise CacheDamagedError(f"{where}: array {error} is missing; the cache is damaged: {REPAIR_HINT}") from None
     loaded = {name: arrays[name][:] for name in fmt.OFFSET_ARRAYS}
     relation_offsets = arrays[fmt.RELATION_OFFSETS][:] if has_relations else None
     expected_lengths = {

@@ -236,7 +236,7 @@ class CacheWriter:
                 f"{state} cache at {self.path} was made from other inputs ({difference}); "
                 "pass overwrite=True or choose another path"
             )
-        if state == "complete" and self.repair:
+        if self.repair:
             state = self._reopen_damaged(existing)
         self.already_complete = state == "complete"
         self.meta = {key: value for key, value in existing.items()
@@ -245,10 +245,10 @@ class CacheWriter:
         return self
 
     def _reopen_damaged(self, existing: Mapping[str, Any]) -> str:
-        """repair: make a complete cache with damaged parts incomplete again, so those parts are re-scored."""
+        """repair: make a cache with damaged parts incomplete (again), so exactly those parts are re-scored."""
         self.damaged = damaged_parts(self.path, existing)
         if not self.damaged:
-            return "complete"
+            return "complete" if existing.get("completed_at") else "incomplete"
         # Incomplete first (the index lists the damaged parts' old commits), then the damaged parts go.
         root = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
         root.attrs.put({key: value for key, value in root.attrs.items() if key not in ("completed_at", "index")})
