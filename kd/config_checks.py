@@ -77,6 +77,8 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     _one_of(c.logprob_dtype, LOGPROB_DTYPES, source, "cache.logprob_dtype")
     _validate_train(tr, source)
     _validate_eval(cfg.eval, source)
+    # numpy's generators (shot draws, hold-out split, batch order) take only non-negative seeds
+    _check(isinstance(cfg.seed, int) and cfg.seed >= 0, source, "seed", f"must be an integer >= 0 (got {cfg.seed!r})")
     return cfg
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 
 from cache_schema import (
     FORMAT_VERSION,
@@ -40,7 +41,7 @@ from cache_schema import (
 from kd.config import Config, TeacherConfig, config_to_dict
 from kd.data.sequences import AlignedSample
 from kd.data.training_set import build_training_set, training_set_fingerprints
-from kd.errors import DataError, UserError
+from kd.errors import DataError, TeacherConfigError, UserError
 from kd.teacher.factory import load_backend
 from kd.teacher.types import ScoreRequest, check_top_k_fits
 from kd.tokenizer import load_tokenizer
@@ -164,7 +165,13 @@ def _worker_backend(teacher: TeacherConfig, seed: int, pin_gpus: int) -> tuple[A
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     started = time.perf_counter()
     _WORKER_BACKENDS.clear()
-    _WORKER_BACKENDS[key] = load_backend(teacher, seed=seed)
+    try:
+        _WORKER_BACKENDS[key] = load_backend(teacher, seed=seed)
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as exc:  # a truncated or bad checkpoint
+        raise TeacherConfigError(f"teacher.model={teacher.model!r}: cannot load the model's weights "
+                                 f"({str(exc).splitlines()[0][:200]}); check or re-download its files") from None
     return _WORKER_BACKENDS[key], time.perf_counter() - started
 
 
