@@ -159,7 +159,8 @@ def _prepare_output_dir(cfg: Config, identity: dict, accelerator, *, resume: boo
         if decision.action in ("overwrite", "restart"):
             ckpt.clear_run(output_dir)
         ckpt.remove_partial_checkpoints(output_dir)
-        ckpt.write_run_file(output_dir, identity)
+        if decision.action != "resume":  # a resume records the run only once its checkpoint has loaded
+            ckpt.write_run_file(output_dir, identity)
     if decision.action == "overwrite":
         say(f"stage two: starting over in {output_dir} (--overwrite)")
     elif resume and decision.action != "resume":
@@ -204,6 +205,8 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
                         cfg.train.num_validation_samples, pad_id, Path(cfg.train.output_dir), identity)
     if decision.action == "resume":
         _resume(plan, decision.checkpoint, say)
+        if accelerator.is_main_process:
+            ckpt.write_run_file(plan.output_dir, identity)
     return plan
 
 

@@ -254,7 +254,10 @@ def _read_json(output_dir: Path, path: Path, file: Path) -> Any:
 def _read_stream_state(output_dir: Path, path: Path, process_index: int) -> dict[str, Any]:
     legacy = path / f"stream_rank{process_index}.pt"  # checkpoints written before the JSON stream state
     if not stream_file(path, process_index).exists() and legacy.exists():
-        return torch.load(legacy, weights_only=True)  # plain ints/bools only: the restricted unpickler
+        try:  # plain ints/bools only: the restricted unpickler, which refuses anything that could run code
+            return torch.load(legacy, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+            raise _damaged(output_dir, path, legacy, f"unreadable ({str(exc).splitlines()[0][:200]})") from None
     return _read_json(output_dir, path, stream_file(path, process_index))
 
 
