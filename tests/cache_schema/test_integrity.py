@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +132,21 @@ def test_overwrite_removes_only_the_cache_and_keeps_nothing_stale(cache_path):
     with CacheWriter(cache_path, make_meta(top_k=4), 1, top_k=4, vocab_size=VOCAB_SIZE, overwrite=True) as writer:
         assert writer.pending_parts() == [0]
     assert not (cache_path / part_path(1)).exists()
+
+
+def test_lock_of_a_killed_process_is_taken_over(tmp_path):
+    """kill -9 of the holder leaves the lock file but releases the OS lock: the next writer proceeds."""
+    code = ("import sys, time; from cache_schema.lock import CacheWriteLock; "
+            f"lock = CacheWriteLock({str(tmp_path / 'cache')!r}).__enter__(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CacheLockedError, match=f"process {holder.pid} "):
+            CacheWriteLock(tmp_path / "cache").__enter__()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    with CacheWriteLock(tmp_path / "cache"):
+        owner = json.loads((tmp_path / "cache" / ".kd-writer.owner").read_text())
+    assert owner["pid"] == os.getpid()
