@@ -94,7 +94,7 @@ def _read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise ConfigError(str(path), None, f"cannot read file ({exc.strerror})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
     except _DuplicateKey as dup:
         raise ConfigError(str(path), str(dup.key), f"duplicate key at line {dup.line} (first at line "
                                                    f"{dup.first_line}); YAML would keep only the last one: merge "

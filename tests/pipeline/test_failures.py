@@ -23,6 +23,7 @@ from cache_schema.format import part_path
 from cache_schema.lock import CacheWriteLock
 from kd.training import checkpoints
 from pipeline.cli import main as cli_main
+from pipeline import run_all
 from pipeline.config_loader import ASSETS_DIR
 from stages import cache_teacher
 from tests.helpers.stage_helpers import assert_caches_equal
@@ -146,6 +147,18 @@ def test_unreadable_format_version_is_an_error_in_stage_one_and_overwrite_replac
     assert zarr.open_group(store=str(tmp / "cache"), mode="r").attrs["format_version"] == 2
 
 
+def test_run_all_overwrite_replaces_an_unreadable_cache(tmp, capsys, monkeypatch):
+    """run-all --overwrite gets out of an unreadable cache (stage two and evaluation stubbed: not under test)."""
+    zarr.open_group(store=str(tmp / "cache"), mode="r+", zarr_format=3).attrs.update({"format_version": "two"})
+    monkeypatch.setattr(run_all, "train_student", lambda *_args, **_kwargs: {"final": {}})
+    monkeypatch.setattr(run_all, "evaluate_stage", lambda *_args, **_kwargs: None)
+    code, _, err = _cli(capsys, "run-all", tmp, "--workers", "0")
+    _one_line(code, err, "format_version 'two'", "--overwrite")
+    code, _, err = _cli(capsys, "run-all", tmp, "--workers", "0", "--overwrite")
+    assert code == 0, err
+    assert zarr.open_group(store=str(tmp / "cache"), mode="r").attrs["format_version"] == 2
+
+
 # ---------------------------------------------------------------------------------- the machine fails
 
 
@@ -189,6 +202,17 @@ def test_read_only_cache_path_is_named(tmp, capsys, monkeypatch):
     monkeypatch.setattr(lock.CacheWriteLock, "__enter__", read_only)
     code, _, err = _cli(capsys, "cache-teacher", tmp)
     _one_line(code, err, f"{tmp / 'cache'}: cannot write there (Read-only file system)")
+
+
+def test_read_only_output_dir_is_named(tmp, capsys, monkeypatch):
+    shutil.rmtree(tmp / "run")
+
+    def read_only(output_dir, _identity):
+        raise OSError(errno.EROFS, "Read-only file system", str(output_dir))
+
+    monkeypatch.setattr(checkpoints, "write_run_file", read_only)
+    code, _, err = _cli(capsys, "train-student", tmp)
+    _one_line(code, err, f"{tmp / 'run'}: cannot write there (Read-only file system)")
 
 
 def test_output_dir_that_is_a_file(tmp, capsys):
