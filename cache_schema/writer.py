@@ -249,6 +249,12 @@ class CacheWriter:
         self.damaged = damaged_parts(self.path, existing)
         if not self.damaged:
             return "complete" if existing.get("completed_at") else "incomplete"
+        if existing.get("format_version") != fmt.FORMAT_VERSION:  # its parts could not be rewritten alike
+            raise fmt.CacheError(
+                f"{self.path}: part(s) {sorted(self.damaged)[:5]} are damaged, but this code writes format version "
+                f"{fmt.FORMAT_VERSION}, not the cache's {existing.get('format_version')!r}; rebuild it with overwrite "
+                "(nothing was changed)"
+            )
         # Incomplete first (the index lists the damaged parts' old commits), then the damaged parts go.
         root = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
         root.attrs.put({key: value for key, value in root.attrs.items() if key not in ("completed_at", "index")})
