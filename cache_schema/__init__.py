@@ -17,6 +17,9 @@ from cache_schema.format import (
     CacheValidationError,
     IncompleteCacheError,
 )
+from cache_schema.integrity import CacheDamagedError
+from cache_schema.lock import CacheLockedError
+from cache_schema.overwrite import check_overwritable
 from cache_schema.reader import KDCache, open_cache
 from cache_schema.writer import CacheWriter, identity_differences, write_part
 
@@ -24,14 +27,17 @@ __all__ = [
     "ENCODINGS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "CacheDamagedError",
     "CacheError",
     "CacheFormatError",
+    "CacheLockedError",
     "CacheMismatchError",
     "CacheValidationError",
     "CacheWriter",
     "IncompleteCacheError",
     "KDCache",
     "cache_stats",
+    "check_overwritable",
     "encoding_meta",
     "file_fingerprint",
     "identity_differences",

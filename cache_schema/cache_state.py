@@ -11,6 +11,7 @@ from typing import Any, Literal
 import zarr
 
 from cache_schema.format import FORMAT_NAME, PART_COMMIT_ATTR, part_path
+from cache_schema.lock import LOCK_FILES
 
 CacheState = Literal["absent", "incomplete", "complete", "not_a_cache"]
 
@@ -42,8 +43,8 @@ def peek_cache_state(path: str | os.PathLike) -> tuple[CacheState, dict[str, Any
     a cache; "complete" means the completion record (`completed_at` + index) was written.
     """
     root = Path(path)
-    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        return "absent", None
+    if not root.exists() or (root.is_dir() and all(p.name in LOCK_FILES for p in root.iterdir())):
+        return "absent", None  # a directory holding only a writer lock is what a run that wrote nothing leaves
     if not root.is_dir():
         return "not_a_cache", None
     meta = read_root_meta(root)

@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - a future zarr that moved it; sequentia
 from cache_schema import format as fmt
 from cache_schema.cache_state import peek_cache_state, read_part_commit
 from cache_schema.encoding import decode_rows, topk_array_names
+from cache_schema.integrity import REPAIR_HINT, CacheDamagedError, missing_files, part_store
 from cache_schema.part_layout import PartOffsets, StorageDtypes, decode_sample_ids, split_block
 
 _ITER_BLOCK = 256  # samples per read when iterating: amortizes chunk decoding across neighbours
@@ -143,12 +144,15 @@ def _open_part(path: Path, part_id: int, entry: dict[str, Any], dtypes: StorageD
     commit = read_part_commit(path, part_id)
     where = f"{path}: part {part_id}"
     if commit is None or commit != entry:
-        raise fmt.CacheFormatError(f"{where}: commit record {commit!r} disagrees with the index entry {entry!r}")
-    group = zarr.open_group(store=str(path / fmt.part_path(part_id)), mode="r", zarr_format=3)
+        what = "has no commit record" if commit is None else "has a commit record that disagrees with the index"
+        raise CacheDamagedError(f"{where} {what} (deleted or rewritten after the cache was completed); the cache "
+                                f"is damaged: {REPAIR_HINT}")
+    missing_files(path, part_id, commit)  # a deleted chunk must be an error, never the fill value
+    group = zarr.open_group(store=part_store(path, part_id, commit), mode="r", zarr_format=3)
     try:
         arrays = {name: group[name] for name in dtypes.array_names()}
     except KeyError as error:
-        raise fmt.CacheFormatError(f"{where}: array {error} is missing; the cache is corrupt, rebuild it") from None
+        raise CacheDamagedError(f"{where}: array {error} is missing; the cache is damaged: {REPAIR_HINT}") from None
     loaded = {name: arrays[name][:] for name in fmt.OFFSET_ARRAYS}
     relation_offsets = arrays[fmt.RELATION_OFFSETS][:] if has_relations else None
     expected_lengths = {

@@ -24,6 +24,9 @@ import zarr
 from cache_schema import format as fmt
 from cache_schema.cache_state import peek_cache_state, read_part_commit, read_root_meta
 from cache_schema.encoding import cache_encoding, compressors_for, encoding_meta
+from cache_schema.integrity import DIGESTS_KEY, damaged_parts, part_file_digests
+from cache_schema.lock import CacheWriteLock
+from cache_schema.overwrite import remove_cache_files
 from cache_schema.part_layout import StorageDtypes, chunk_shape, decode_sample_ids, pack_samples, part_checksum
 from cache_schema.sample_checks import coerce_sample, rules_from_meta, sample_problems
 
@@ -165,6 +168,7 @@ class CacheWriter:
         top_k: int,
         vocab_size: int,
         overwrite: bool = False,
+        repair: bool = False,
         logprob_dtype: str = "float16",
         relations: Mapping[str, Any] | None = None,
         relations_dtype: str = "float16",
@@ -180,6 +184,10 @@ class CacheWriter:
         self.path = Path(path)
         self.num_parts = num_parts
         self.overwrite = overwrite
+        self.repair = repair
+        self.damaged: dict[int, str] = {}
+        """repair only: {part_id: why} of the parts found damaged and re-opened for scoring."""
+        self._lock: CacheWriteLock | None = None
         self.already_complete = False
         writer_meta = {
             "format": fmt.FORMAT_NAME,
@@ -201,14 +209,23 @@ class CacheWriter:
         self.meta: dict[str, Any] = {**user_meta, **writer_meta}
 
     def __enter__(self) -> "CacheWriter":
-        state, existing = peek_cache_state(self.path)
-        if state == "not_a_cache":
+        if peek_cache_state(self.path)[0] == "not_a_cache":
             raise fmt.CacheError(
                 f"{self.path} exists and is not a {fmt.FORMAT_NAME} cache; refusing to write into or delete it "
                 "(choose a new or empty directory)"
             )
+        # Everything that creates, deletes or cleans up happens under the lock, decided on what is there now.
+        self._lock = CacheWriteLock(self.path).__enter__()
+        try:
+            return self._enter_locked()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _enter_locked(self) -> CacheWriter:
+        state, existing = peek_cache_state(self.path)
         if state != "absent" and self.overwrite:
-            shutil.rmtree(self.path)
+            remove_cache_files(self.path)
             state, existing = "absent", None
         if state == "absent":
             self._create_root()
@@ -222,13 +239,37 @@ class CacheWriter:
                 f"{state} cache at {self.path} was made from other inputs ({difference}); "
                 "pass overwrite=True or choose another path"
             )
+        if self.repair:
+            state = self._reopen_damaged(existing)
         self.already_complete = state == "complete"
-        self.meta = existing
+        self.meta = {key: value for key, value in existing.items()
+                     if state == "complete" or key not in ("completed_at", "index")}
         zarr.open_group(store=str(self.path), mode="a", zarr_format=3).require_group(fmt.PARTS_GROUP)
         return self
 
+    def _reopen_damaged(self, existing: Mapping[str, Any]) -> str:
+        """repair: make a cache with damaged parts incomplete (again), so exactly those parts are re-scored."""
+        self.damaged = damaged_parts(self.path, existing)
+        if not self.damaged:
+            return "complete" if existing.get("completed_at") else "incomplete"
+        if existing.get("format_version") != fmt.FORMAT_VERSION:  # its parts could not be rewritten alike
+            raise fmt.CacheError(
+                f"{self.path}: part(s) {sorted(self.damaged)[:5]} are damaged, but this code writes format version "
+                f"{fmt.FORMAT_VERSION}, not the cache's {existing.get('format_version')!r}; rebuild it with overwrite "
+                "(nothing was changed)"
+            )
+        # Incomplete first (the index lists the damaged parts' old commits), then the damaged parts go.
+        root = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
+        root.attrs.put({key: value for key, value in root.attrs.items() if key not in ("completed_at", "index")})
+        for part_id in self.damaged:
+            shutil.rmtree(self.path / fmt.part_path(part_id), ignore_errors=True)
+        return "incomplete"
+
     def __exit__(self, *exc_info: Any) -> None:
-        return None  # finalize is explicit: leaving the block early must not mark the cache complete
+        # finalize is explicit: leaving the block early must not mark the cache complete
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.__exit__()
 
     def _create_root(self) -> None:
         self.meta["created_at"] = _utc_now()
@@ -383,6 +424,7 @@ def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[
                              if ids.size), default=-1),
         "checksum": part_checksum(packed, dtypes.array_names()),
         "committed_at": _utc_now(),
+        DIGESTS_KEY: part_file_digests(part_dir),  # every file of every array, checked on each later read
     }
     group.attrs.update({fmt.PART_COMMIT_ATTR: commit})  # LAST: this write is what makes the part exist
     return commit

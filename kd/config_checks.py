@@ -83,6 +83,8 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     _validate_train(tr, source)
     _validate_temperatures(cfg, source)
     _validate_eval(cfg.eval, source)
+    # numpy's generators (shot draws, hold-out split, batch order) take only non-negative seeds
+    _check(isinstance(cfg.seed, int) and cfg.seed >= 0, source, "seed", f"must be an integer >= 0 (got {cfg.seed!r})")
     return cfg
 
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 from kd.errors import UserError
+
+
+def _looks_like_a_path(model: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything absolute, relative or deeper is meant as a local path."""
+    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
 
 
 def load_tokenizer(model: str, key: str = "student.model"):
     """``AutoTokenizer.from_pretrained(model)``, or a one-line UserError naming the config ``key``."""
     from transformers import AutoTokenizer
 
+    if _looks_like_a_path(model) and not os.path.exists(os.path.expanduser(model)):
+        raise UserError(f"{key}={model!r}: not found (no such directory); check the path")
     try:
         return AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as exc:

@@ -15,6 +15,7 @@ import click
 from cache_schema import CacheError
 from kd.errors import UserError
 from kd.teacher.factory import DEFAULT_VERIFY_BACKEND, TEACHER_BACKENDS
+from pipeline.failures import named_os_errors
 
 CONFIG_HELP = "Config file path, or a bare name from configs/ (e.g. tiny.yaml)."
 
@@ -82,17 +83,19 @@ def verify_cache_command(ctx: click.Context, path: str, samples: int, backend: s
                    "0 scores in this process without dask.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler to run the shards on.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other fingerprints.")
+@click.option("--repair", is_flag=True, help="Read every part back and re-score only the damaged ones.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.argument("overrides", nargs=-1)
-def cache_teacher_command(config_name: str, workers: int, scheduler: str | None, overwrite: bool, progress: bool,
-                          overrides: tuple[str, ...]) -> None:
+def cache_teacher_command(config_name: str, workers: int, scheduler: str | None, overwrite: bool, repair: bool,
+                          progress: bool, overrides: tuple[str, ...]) -> None:
     """Stage one: score the samples with the teacher and write the top-K cache (resumable)."""
     from pipeline.config_loader import load_config
     from stages.cache_teacher import cache_teacher
 
     cfg = load_config(config_name, overrides)
-    cache_teacher(cfg, workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress,
-                  echo=click.echo)
+    with named_os_errors(f"cache.path={cfg.cache.path}"):
+        cache_teacher(cfg, workers=workers, scheduler=scheduler, overwrite=overwrite, repair=repair,
+                      progress=progress, echo=click.echo)
 
 
 @cli.command("train-student")
@@ -108,7 +111,8 @@ def train_student_command(config_name: str, resume: bool, overwrite: bool, progr
     from stages.train_student import train_student
 
     cfg = load_config(config_name, overrides)
-    train_student(cfg, resume=resume, overwrite=overwrite, progress=progress, echo=click.echo)
+    with named_os_errors(f"train.output_dir={cfg.train.output_dir}"):
+        train_student(cfg, resume=resume, overwrite=overwrite, progress=progress, echo=click.echo)
 
 
 @cli.command("run-all")
@@ -128,7 +132,8 @@ def run_all_command(config_name: str, workers: int, overwrite: bool, resume: boo
     from pipeline.run_all import run_all
 
     cfg = load_config(config_name, _with_baseline(overrides, baseline))
-    run_all(cfg, workers=workers, overwrite=overwrite, resume=resume, progress=progress, echo=click.echo)
+    with named_os_errors(f"cache.path={cfg.cache.path} or train.output_dir={cfg.train.output_dir}"):
+        run_all(cfg, workers=workers, overwrite=overwrite, resume=resume, progress=progress, echo=click.echo)
 
 
 def _with_baseline(overrides: tuple[str, ...], baseline: str | None) -> list[str]:
@@ -163,7 +168,8 @@ def eval_command(config_name: str, run_dir: str | None, steps: list[int] | None,
     from stages.evaluate import evaluate
 
     cfg = load_config(config_name, _with_baseline(overrides, baseline))
-    evaluate(cfg, run_dir=run_dir, steps=steps, echo=click.echo)
+    with named_os_errors(f"the run directory {run_dir or cfg.train.output_dir}"):
+        evaluate(cfg, run_dir=run_dir, steps=steps, echo=click.echo)
 
 
 @cli.command("export")

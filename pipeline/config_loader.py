@@ -68,13 +68,37 @@ def resolve_config_path(name: str, relative_to: Path | None = None) -> Path:
     raise ConfigError(name, None, f"no such config file; give a path or one of: {known}")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: object, line: int, first_line: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would silently keep only the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first_lines:
+                raise _DuplicateKey(key, line, first_lines[key])
+            first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(str(path), None, f"cannot read file ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _DuplicateKey as dup:
+        raise ConfigError(str(path), str(dup.key), f"duplicate key at line {dup.line} (first at line "
+                                                   f"{dup.first_line}); YAML would keep only the last one: merge "
+                                                   "the two blocks") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cache_schema import cache_stats, open_cache, validate_cache
+from cache_schema.integrity import has_digests
 
 
 def cache_summary(path: str, validate: bool = False) -> dict:
@@ -26,6 +27,9 @@ def cache_summary(path: str, validate: bool = False) -> dict:
         "backend": meta.get("backend"),
         "teacher_server": meta.get("teacher_server"),
         "validated": bool(validate),
+        # Parts written before per-file digests existed are checked structurally (and by the part checksum).
+        "parts_with_digests": sum(has_digests(part.commit) for part in cache.parts),
+        "parts": len(cache.parts),
     }
     summary.update(cache_stats(cache))
     return summary
@@ -85,4 +89,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"fingerprint      {name:<10} {value}")
     if s.get("validated"):
         lines.append("validation       deep validation passed")
+        with_digests, parts = s["parts_with_digests"], s["parts"]
+        lines.append(f"integrity        every file of all {parts} part(s) matches its recorded checksum"
+                     if with_digests == parts else
+                     f"integrity        {parts - with_digests} of {parts} part(s) record no per-file checksums "
+                     "(written by older code): checked structurally and by the part checksum only")
     return "\n".join(lines)

@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 
 from cache_schema import (
+    FORMAT_VERSION,
     CacheMismatchError,
     CacheWriter,
     cache_stats,
+    check_overwritable,
     encoding_meta,
     identity_differences,
     json_fingerprint,
@@ -39,7 +42,7 @@ from cache_schema import (
 from kd.config import Config, TeacherConfig, config_to_dict
 from kd.data.sequences import AlignedSample
 from kd.data.training_set import build_training_set, training_set_fingerprints
-from kd.errors import DataError, TeacherServerError, UserError
+from kd.errors import DataError, TeacherConfigError, TeacherServerError, UserError
 from kd.teacher.factory import load_backend, requested_temperatures
 from kd.teacher.server_backend import describe_servers, server_identity, server_length_limit
 from kd.teacher.types import ScoreRequest, check_top_k_fits
@@ -110,23 +113,34 @@ def _served_identity(cfg: Config, tokenizer) -> dict | None:
         raise
 
 
-def _check_existing(path: str, meta: dict, overwrite: bool) -> str:
-    """'absent' | 'incomplete' (resume) | 'complete' (nothing to do); refuses foreign or mismatched caches."""
+def _check_existing(path: str, meta: dict, overwrite: bool, repair: bool = False) -> str:
+    """'absent' | 'incomplete' (resume) | 'complete' (nothing to do) | 'repair' | 'overwrite'; refuses foreign,
+    unreadable or mismatched caches before any engine is loaded (the writer re-checks under its lock)."""
     state, existing = peek_cache_state(path)
     if state == "not_a_cache":
         raise UserError(f"cache.path={path!r} exists and is not a teacher cache; choose another cache.path "
                         "(nothing there was touched)")
-    if existing is None or overwrite:
-        return "absent" if existing is None else "overwrite"
-    # The writer makes the same check; doing it here refuses before any engine is loaded.
+    if existing is None:
+        return "absent"
+    if overwrite:
+        check_overwritable(path)  # only the cache's own files may go; anything else stops us here
+        return "overwrite"
+    version = existing.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CacheMismatchError(f"cache.path={path!r} holds a cache of format_version {version!r}, which this "
+                                 "code cannot read; pass --overwrite to replace it or choose another cache.path")
     differing = identity_differences(existing, meta)
     if differing:
         raise CacheMismatchError(f"cache.path={path!r} holds a cache made from other inputs ({', '.join(differing)} "
                                  "differ); pass --overwrite to replace it or choose another cache.path")
+    if repair:
+        return "repair"
+    if state == "complete":
+        open_cache(path)  # a part missing files is damage to report now, not "nothing to do"
     return state
 
 
-def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
+def setup(cfg: Config, overwrite: bool = False, repair: bool = False) -> StageOnePlan:
     """Read, align and fingerprint everything; decide what to do with an existing cache."""
     tokenizer = load_tokenizer(cfg.teacher.model, "teacher.model")
     student_tokenizer = load_tokenizer(cfg.student.model, "student.model")
@@ -156,7 +170,7 @@ def setup(cfg: Config, overwrite: bool = False) -> StageOnePlan:
         meta["relations"] = {"layer": cfg.teacher.attention.layer, "num_relation_heads":
                              cfg.teacher.attention.num_heads, "kinds": ["qq", "kk", "vv"]}
     vocab_size = max(int(model_config.get("vocab_size") or 0), len(tokenizer))
-    state = _check_existing(cfg.cache.path, meta, overwrite)
+    state = _check_existing(cfg.cache.path, meta, overwrite, repair)
     return StageOnePlan(cfg, shards, meta, vocab_size, skipped=training.skipped,
                         trimmed=training.trimmed, state=state, notes=training.notes)
 
@@ -182,7 +196,13 @@ def _worker_backend(teacher: TeacherConfig, seed: int, pin_gpus: int) -> tuple[A
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     started = time.perf_counter()
     _WORKER_BACKENDS.clear()
-    _WORKER_BACKENDS[key] = load_backend(teacher, seed=seed)
+    try:
+        _WORKER_BACKENDS[key] = load_backend(teacher, seed=seed)
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as exc:  # a truncated or bad checkpoint
+        raise TeacherConfigError(f"teacher.model={teacher.model!r}: cannot load the model's weights "
+                                 f"({str(exc).splitlines()[0][:200]}); check or re-download its files") from None
     return _WORKER_BACKENDS[key], time.perf_counter() - started
 
 
@@ -242,6 +262,8 @@ class RunStats:
     seconds: float = 0.0
     engine_start_seconds: float = 0.0
     """Longest engine load among the workers (overlaps with other workers' scoring)."""
+    damaged: dict[int, str] = field(default_factory=dict)
+    """--repair: the parts found damaged (and re-scored), with what was wrong."""
 
 
 def _progress(total_samples: int, done_samples: int, enabled: bool):
@@ -302,6 +324,19 @@ def _run_on_dask(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, s
             cluster.close()
 
 
+def _check_scheduler(address: str) -> None:
+    """Refuse an address no dask scheduler answers at before anything is written (dask would wait, then raise)."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout="10s"):
+            pass
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise UserError(f"--scheduler {address!r}: no dask scheduler answers there "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); start one "
+                        "(`dask scheduler`) or leave --scheduler out to use local workers — nothing was written") from None
+
+
 def _visible_gpu_count() -> int:
     try:
         import torch
@@ -315,16 +350,19 @@ def run(plan: StageOnePlan, workers: int = 1, scheduler: str | None = None, prog
     """Score and write every part not yet committed."""
     writer = CacheWriter(plan.cfg.cache.path, plan.meta, len(plan.shards), top_k=plan.cfg.teacher.top_k,
                          vocab_size=plan.vocab_size, overwrite=plan.state == "overwrite",
-                         logprob_dtype=plan.cfg.cache.logprob_dtype, temperatures=plan.meta["temperatures"],
-                         encoding=plan.cfg.cache.encoding)
+                         repair=plan.state == "repair", logprob_dtype=plan.cfg.cache.logprob_dtype,
+                         temperatures=plan.meta["temperatures"], encoding=plan.cfg.cache.encoding)
     stats = RunStats()
-    with writer:
+    with writer:  # holds the cache's writer lock: a second run on this cache.path is refused
+        stats.damaged = dict(writer.damaged)
         pending = sorted(writer.pending_parts())
         stats.parts_reused = len(plan.shards) - len(pending)
         done = sum(len(plan.shards[i]) for i in set(range(len(plan.shards))) - set(pending))
         started = time.perf_counter()
         with _progress(sum(len(s) for s in plan.shards), done, progress) as bar:
-            if workers == 0:
+            if not pending:
+                pass  # every part is committed: only the completion record may be missing
+            elif workers == 0:
                 _run_in_process(plan, pending, stats, bar, started)
             else:
                 _run_on_dask(plan, pending, stats, bar, started, workers, scheduler)
@@ -370,9 +408,14 @@ def format_summary(summary: dict[str, Any], skipped: list[str]) -> str:
 
 
 def cache_teacher(cfg: Config, *, workers: int = 1, scheduler: str | None = None, overwrite: bool = False,
-                  progress: bool = True, echo=print) -> dict[str, Any]:
-    """Stage one end to end. Returns the summary (``{"nothing_to_do": True, ...}`` for a matching cache)."""
-    plan = setup(cfg, overwrite=overwrite)
+                  repair: bool = False, progress: bool = True, echo=print) -> dict[str, Any]:
+    """Stage one end to end. Returns the summary (``{"nothing_to_do": True, ...}`` for a matching cache).
+
+    ``repair`` reads every part of a complete cache and re-scores only the damaged ones.
+    """
+    plan = setup(cfg, overwrite=overwrite, repair=repair)
+    if scheduler is not None:
+        _check_scheduler(scheduler)
     for note in plan.notes:
         echo(f"stage one: {note}")
     if plan.state == "complete":
@@ -381,6 +424,10 @@ def cache_teacher(cfg: Config, *, workers: int = 1, scheduler: str | None = None
     if plan.state == "incomplete":
         echo(f"stage one: resuming the incomplete cache at {cfg.cache.path}")
     stats = run(plan, workers=workers, scheduler=scheduler, progress=progress)
+    if plan.state == "repair":
+        found = "; ".join(f"part {part_id}: {why}" for part_id, why in sorted(stats.damaged.items()))
+        echo(f"stage one: --repair re-scored {len(stats.damaged)} damaged part(s)" + (f" ({found})" if found else
+             f"; every part of {cfg.cache.path} reads back intact"))
     summary = summarize(plan, stats)
     echo(format_summary(summary, plan.skipped))
     return summary

@@ -172,7 +172,8 @@ def _prepare_output_dir(cfg: Config, identity: dict, accelerator, *, resume: boo
         if decision.action in ("overwrite", "restart"):
             ckpt.clear_run(output_dir)
         ckpt.remove_partial_checkpoints(output_dir)
-        ckpt.write_run_file(output_dir, identity)
+        if decision.action != "resume":  # a resume records the run only once its checkpoint has loaded
+            ckpt.write_run_file(output_dir, identity)
     if decision.action == "overwrite":
         say(f"stage two: starting over in {output_dir} (--overwrite)")
     elif resume and decision.action != "resume":
@@ -206,8 +207,8 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
                             relation_heads=relations[1] if relations else 0)
     optimizer, scheduler = build_optimizer(module, cfg.train)
     module, optimizer = accelerator.prepare(module, optimizer)
-    # Not prepared: accelerate would step a prepared scheduler once per process per optimizer step.
-    accelerator.register_for_checkpointing(scheduler)
+    # Not prepared (accelerate would step a prepared scheduler once per process per optimizer step) and not
+    # registered for checkpointing (accelerate would unpickle it): checkpoints keep it as scheduler.json.
     ckpt.register_weight_hooks(accelerator, trainable_state_dict, load_trainable_state_dict)
 
     pad_id = pad_token_id(tokenizer)
@@ -219,11 +220,13 @@ def setup(cfg: Config, *, resume: bool = False, overwrite: bool = False, say: Ca
                         normalizer_column=column)
     if decision.action == "resume":
         _resume(plan, decision.checkpoint, say)
+        if accelerator.is_main_process:
+            ckpt.write_run_file(plan.output_dir, identity)
     return plan
 
 
 def _resume(plan: StageTwoPlan, path: Path, say: Callable) -> None:
-    state, stream_state = ckpt.load_checkpoint(plan.accelerator, path)
+    state, stream_state = ckpt.load_checkpoint(plan.accelerator, path, plan.scheduler)
     try:
         plan.stream.load_state_dict(stream_state)
     except ValueError as exc:
@@ -374,7 +377,7 @@ def _save(plan: StageTwoPlan, step: int, elapsed: float, tokens_seen: float) -> 
     state = {"elapsed_s": elapsed, "tokens_seen": tokens_seen, "max_steps": plan.cfg.train.max_steps,
              "config_fingerprint": plan.identity["config_fingerprint"]}
     return ckpt.save_checkpoint(plan.accelerator, plan.output_dir, step, state, plan.stream.state_dict(),
-                                plan.cfg.train.keep_checkpoints)
+                                plan.cfg.train.keep_checkpoints, plan.scheduler)
 
 
 def _run_validation(plan: StageTwoPlan, log: MetricsLog, result: RunResult, step: int, elapsed: float) -> None:

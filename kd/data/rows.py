@@ -22,23 +22,25 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, str, object]]:
     """(row_index, location, parsed row or a JSONDecodeError) for each non-blank line."""
     try:
-        handle = path.open("r", encoding="utf-8")
+        handle = path.open("rb")  # decoded line by line, so a bad byte is reported with its line number
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror}); check the data.* paths") from None
     with handle:
         row_index = 0
-        try:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    parsed: object = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    parsed = exc
-                yield row_index, f"{path}:{line_no}", parsed
-                row_index += 1
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text ({exc.reason}); expected JSON lines") from None
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start} of the "
+                                "line); expected JSON lines") from None
+            if not line.strip():
+                continue
+            try:
+                parsed: object = json.loads(line)
+            except json.JSONDecodeError as exc:
+                parsed = exc
+            yield row_index, f"{path}:{line_no}", parsed
+            row_index += 1
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, str, object]]:

@@ -6,7 +6,8 @@ Layout of ``train.output_dir``::
     metrics.jsonl                 one JSON line per train log / validation
     tensorboard/                  TensorBoard event files
     checkpoints/step-000020/      accelerate state (optimizer, RNG per process, scheduler), trainable weights,
-                                  stream_rank<r>.pt (each process's stream position), trainer_state.json
+                                  stream_rank<r>.json (each process's stream position), scheduler.json,
+                                  trainer_state.json — every state is data (JSON or tensors), none is pickled
     final/                        the HF-format result (adapter/, merged/ or model/)
     summary.json                  the closing numbers of the last finished run
 
@@ -35,6 +36,9 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS_FILE = "trainable_weights.pt"
+SCHEDULER_FILE = "scheduler.json"
+_LEGACY_SCHEDULER = "custom_checkpoint_0.pkl"  # accelerate's pickle of the scheduler, in older checkpoints
+_LEGACY_SCHEDULER_KEPT = "scheduler_legacy.pt"  # the same file renamed, so accelerate no longer unpickles it
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _TMP_PREFIX = ".tmp-"
 # Artifacts this stage writes; --overwrite removes these and nothing else.
@@ -112,6 +116,8 @@ class RunDecision:
 def decide_run(output_dir: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> RunDecision:
     """Refuse to mix runs: another config's run needs --overwrite, a checkpointed run needs --resume."""
     key = f"train.output_dir={str(output_dir)!r}"
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{key} is a file, not a directory; choose a directory for the run (the file was not touched)")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return RunDecision("fresh")
     existing = read_run_file(output_dir)
@@ -184,11 +190,16 @@ def remove_partial_checkpoints(output_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def stream_file(path: Path, process_index: int) -> Path:
+    return path / f"stream_rank{process_index}.json"
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict[str, Any],
-                    stream_state: Any, keep: int) -> Path:
+                    stream_state: dict[str, Any], keep: int, scheduler=None) -> Path:
     """Write checkpoint ``step`` on every process (each saves its RNG and stream state), then commit it.
 
-    The weights go through the save hook of :func:`register_weight_hooks` (trainable parameters only).
+    The weights go through the save hook of :func:`register_weight_hooks` (trainable parameters only); the
+    stream position and the lr scheduler are written as JSON, so resuming never unpickles anything.
     """
     root = output_dir / CHECKPOINTS
     final = root / step_dir_name(step)
@@ -198,9 +209,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dic
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
-    torch.save(stream_state, staging / f"stream_rank{accelerator.process_index}.pt")
+    atomic_write(stream_file(staging, accelerator.process_index), json.dumps(stream_state, sort_keys=True) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if scheduler is not None:
+            atomic_write(staging / SCHEDULER_FILE, json.dumps(scheduler.state_dict(), sort_keys=True) + "\n")
         state = {**trainer_state, "step": step, "num_processes": accelerator.num_processes}
         atomic_write(staging / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True) + "\n")
         if final.exists():  # a checkpoint of the same step from a run that died after it: same content
@@ -218,14 +231,65 @@ def _prune(output_dir: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[dict[str, Any], Any]:
-    """Restore accelerate state from ``path``; return (trainer_state, this process's stream state)."""
-    state = json.loads((path / TRAINER_STATE).read_text())
+class CheckpointDamaged(UserError):
+    """A checkpoint's files are missing or unreadable; the message names the file and the previous checkpoint."""
+
+
+def _damaged(output_dir: Path, path: Path, file: Path, problem: str) -> CheckpointDamaged:
+    earlier = [p for _, p in complete_checkpoints(output_dir) if p != path and p.name < path.name]
+    offer = (f"move {path} out of {path.parent} and resume again to continue from the previous checkpoint "
+             f"{earlier[-1].name}" if earlier else "no earlier checkpoint is kept: pass --overwrite to start over")
+    return CheckpointDamaged(f"{file}: {problem}; the checkpoint is damaged — {offer}")
+
+
+def _read_json(output_dir: Path, path: Path, file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise _damaged(output_dir, path, file, "missing") from None
+    except (OSError, ValueError) as exc:
+        raise _damaged(output_dir, path, file, f"unreadable ({str(exc).splitlines()[0]})") from None
+
+
+def _read_stream_state(output_dir: Path, path: Path, process_index: int) -> dict[str, Any]:
+    legacy = path / f"stream_rank{process_index}.pt"  # checkpoints written before the JSON stream state
+    if not stream_file(path, process_index).exists() and legacy.exists():
+        try:  # plain ints/bools only: the restricted unpickler, which refuses anything that could run code
+            return torch.load(legacy, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+            raise _damaged(output_dir, path, legacy, f"unreadable ({str(exc).splitlines()[0][:200]})") from None
+    return _read_json(output_dir, path, stream_file(path, process_index))
+
+
+def _load_scheduler(accelerator, output_dir: Path, path: Path, scheduler) -> None:
+    legacy = path / _LEGACY_SCHEDULER
+    if accelerator.is_main_process and legacy.exists() and not (path / SCHEDULER_FILE).exists():
+        legacy.rename(path / _LEGACY_SCHEDULER_KEPT)  # accelerate would unpickle it with weights_only=False
+    accelerator.wait_for_everyone()
+    if scheduler is None:
+        return
+    if (path / _LEGACY_SCHEDULER_KEPT).exists() and not (path / SCHEDULER_FILE).exists():
+        scheduler.load_state_dict(torch.load(path / _LEGACY_SCHEDULER_KEPT, weights_only=True))
+    else:
+        scheduler.load_state_dict(_read_json(output_dir, path, path / SCHEDULER_FILE))
+
+
+def load_checkpoint(accelerator, path: Path, scheduler=None) -> tuple[dict[str, Any], Any]:
+    """Restore accelerate state (and ``scheduler``) from ``path``; return (trainer_state, this process's stream
+    state). A missing or unreadable file is a CheckpointDamaged naming it and the checkpoint to fall back to."""
+    output_dir = path.parent.parent
+    state = _read_json(output_dir, path, path / TRAINER_STATE)
     if state.get("num_processes") != accelerator.num_processes:
         raise UserError(f"{path}: saved by {state.get('num_processes')} process(es), this run has "
                         f"{accelerator.num_processes}; resume with the same number of processes")
-    accelerator.load_state(str(path))
-    stream_state = torch.load(path / f"stream_rank{accelerator.process_index}.pt", weights_only=False)
+    stream_state = _read_stream_state(output_dir, path, accelerator.process_index)
+    _load_scheduler(accelerator, output_dir, path, scheduler)
+    try:
+        accelerator.load_state(str(path))
+    except FileNotFoundError as exc:
+        raise _damaged(output_dir, path, Path(exc.filename or path), "missing") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise _damaged(output_dir, path, path, f"unreadable ({str(exc).splitlines()[0][:200]})") from None
     return state, stream_state
 
 
@@ -244,7 +308,14 @@ def register_weight_hooks(accelerator, trainable_state_dict, load_trainable_stat
 
     def load_hook(models, input_dir):
         for index, model in enumerate(models):
-            state = torch.load(Path(input_dir) / _weights_name(index), map_location="cpu", weights_only=True)
+            weights = Path(input_dir) / _weights_name(index)
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except FileNotFoundError:
+                raise _damaged(Path(input_dir).parent.parent, Path(input_dir), weights, "missing") from None
+            except (OSError, RuntimeError, EOFError, ValueError) as exc:
+                raise _damaged(Path(input_dir).parent.parent, Path(input_dir), weights,
+                               f"unreadable ({str(exc).splitlines()[0][:200]})") from None
             load_trainable_state_dict(accelerator.unwrap_model(model), state, input_dir)
         models.clear()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_schema import CacheError, CacheMismatchError, open_cache, validate_cache
+from cache_schema import CacheDamagedError, CacheError, CacheMismatchError, open_cache, validate_cache
 from kd.errors import UserError
 from kd.training.losses import needs_log_normalizer
 
@@ -30,6 +30,8 @@ def open_training_cache(path: str):
     try:
         cache = open_cache(path)
         validate_cache(cache, deep=False)
+    except CacheDamagedError as exc:  # its message already says how to rebuild only the damaged part
+        raise UserError(f"cache.path: {str(exc).splitlines()[0]}") from None
     except CacheError as exc:
         raise UserError(f"cache.path: {str(exc).splitlines()[0]}; stage two needs the complete cache that "
                         "`pipeline cache-teacher` writes for this config") from None

@@ -6,8 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
-from cache_schema import CacheWriter, write_part
+from cache_schema import CacheWriter, read_part_commit, write_part
+from cache_schema.format import PART_COMMIT_ATTR, part_path
+from cache_schema.integrity import DIGESTS_KEY, part_file_digests
 
 VOCAB_SIZE = 1000
 TOP_K = 8
@@ -83,3 +86,18 @@ def write_cache(path: Path, parts: list[list[dict[str, Any]]], **writer_kwargs: 
             write_part(path, part_id, parts[part_id])
         writer.finalize()
     return writer
+
+
+def reseal_digests(path, part_id: int = 0) -> None:
+    """Record part ``part_id``'s current file digests as if the writer had written its present bytes.
+
+    Tests that plant invalid values (a buggy writer, not disk damage) use this so the per-file integrity
+    check passes and value validation is what catches the fault; the whole-part checksum is left as it was.
+    """
+    commit = {**read_part_commit(path, part_id), DIGESTS_KEY: part_file_digests(path / part_path(part_id))}
+    zarr.open_group(store=str(path / part_path(part_id)), mode="r+", zarr_format=3).attrs.update(
+        {PART_COMMIT_ATTR: commit})
+    root = zarr.open_group(store=str(path), mode="r+", zarr_format=3)
+    index = dict(root.attrs["index"])
+    index["parts"] = [commit if i == part_id else entry for i, entry in enumerate(index["parts"])]
+    root.attrs.update({"index": index})

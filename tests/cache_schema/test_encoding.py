@@ -12,6 +12,7 @@ from cache_schema.encoding import COMPACT_LOGPROB_STEP, decode_rows, encode_rows
 from cache_schema.format import TOPK_ID_DELTAS, part_path
 from pipeline.inspect import cache_summary, format_summary
 from tests.cache_schema.sample_factory import make_meta, make_parts, write_cache
+from tests.helpers.stage_helpers import reseal_cache
 
 REAL_VOCAB = 262_144  # Gemma's: ids above 131,072 (Megatron's ceiling) and 65,535 (uint16)
 
@@ -88,10 +89,17 @@ def test_a_corrupted_delta_chunk_is_refused_not_decoded(tmp_path):
     broken = array[:]
     broken[0, 1] = 0  # a repeated id
     array[...] = broken
+    # The chunk's digest catches it first ...
+    with pytest.raises(CacheFormatError, match="topk_id_deltas.*does not match its checksum"):
+        open_cache(cache.path)[0]
+    # ... and a chunk re-sealed with matching digests (or a cache older than digests) still never decodes
+    # into wrong ids.
+    reseal_cache(cache.path)
     with pytest.raises(CacheFormatError, match="part 0: topk_id_deltas decodes to ids that are repeated"):
         open_cache(cache.path)[0]
     broken[0, 1] = REAL_VOCAB  # past the vocabulary
     array[...] = broken
+    reseal_cache(cache.path)
     with pytest.raises(CacheFormatError, match="outside"):
         open_cache(cache.path)[0]
 

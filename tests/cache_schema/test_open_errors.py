@@ -53,7 +53,7 @@ def test_index_disagreeing_with_part_is_refused(tmp_path):
     group = zarr.open_group(store=str(path / part_path(1)), mode="r+", zarr_format=3)
     commit = dict(group.attrs[PART_COMMIT_ATTR])
     group.attrs[PART_COMMIT_ATTR] = {**commit, "num_samples": 4}
-    with pytest.raises(CacheFormatError, match="part 1: commit record .* disagrees with the index"):
+    with pytest.raises(CacheFormatError, match="part 1 has a commit record that disagrees with the index.*--repair"):
         open_cache(path)
 
 

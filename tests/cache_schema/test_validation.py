@@ -8,7 +8,13 @@ import zarr
 
 from cache_schema import CacheValidationError, open_cache, validate_cache
 from cache_schema.format import part_path
-from tests.cache_schema.sample_factory import NUM_RELATION_HEADS, VOCAB_SIZE, make_parts, write_cache
+from tests.cache_schema.sample_factory import (
+    NUM_RELATION_HEADS,
+    VOCAB_SIZE,
+    make_parts,
+    reseal_digests,
+    write_cache,
+)
 
 
 @pytest.fixture()
@@ -80,6 +86,7 @@ def test_planted_fault_is_caught(cache_path, plant, message):
     group = _part0(cache_path)
     row = plant(group)
     sample_id = _sample_of_row(group, row)
+    reseal_digests(cache_path)
     cache = open_cache(cache_path)
     validate_cache(cache, deep=False)  # shallow checks read no sample values
     with pytest.raises(CacheValidationError, match=message) as caught:
@@ -92,6 +99,7 @@ def test_non_monotone_offsets_caught_by_shallow_validation(cache_path):
     group = _part0(cache_path)
     offsets = group["token_offsets"][:]
     group["token_offsets"][1] = offsets[2] + 1  # last offset untouched, so opening still succeeds
+    reseal_digests(cache_path)
     cache = open_cache(cache_path)
     for deep in (False, True):
         with pytest.raises(CacheValidationError, match="part 0: token_offsets not monotone at sample 1 \\('p0-s1'\\)"):
@@ -101,6 +109,7 @@ def test_non_monotone_offsets_caught_by_shallow_validation(cache_path):
 def test_offsets_not_starting_at_zero(cache_path):
     group = _part0(cache_path)
     group["label_offsets"][0] = 1
+    reseal_digests(cache_path)
     with pytest.raises(CacheValidationError, match="label_offsets starts at 1, not 0"):
         validate_cache(open_cache(cache_path), deep=False)
 
@@ -112,6 +121,7 @@ def test_bad_relation_rows_caught(tmp_path):
     validate_cache(open_cache(path))
     group = _part0(path)
     group["relations"][0:4] = group["relations"][0:4] * 2  # first row of sample 0 no longer sums to 1
+    reseal_digests(path)
     with pytest.raises(CacheValidationError, match="sample 'p0-s0': relations rows do not sum to 1"):
         validate_cache(open_cache(path))
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
+import numpy as np
+import zarr
+
+from cache_schema import format as fmt
 from cache_schema import open_cache
+from cache_schema.integrity import DIGESTS_KEY, part_file_digests
+from cache_schema.part_layout import StorageDtypes, part_checksum
 from pipeline.config_loader import load_config
 
 TINY_FAST = ["teacher.backend=hf", "data.max_samples=24", "cache.shard_size=8", "teacher.top_k=8"]
@@ -29,3 +35,21 @@ def assert_caches_equal(path_a, path_b) -> None:
                 assert sa[key] == sb[key]
             else:
                 np.testing.assert_array_equal(sa[key], sb[key], err_msg=f"sample {i} {key}")
+
+
+def reseal_cache(path) -> None:
+    """Re-record every part's digests and checksum after a test rewrote its arrays in place (what a forger
+    of a cache would do), so the forged cache opens and only its values are wrong."""
+    root = zarr.open_group(store=str(path), mode="r+", zarr_format=3)
+    meta = dict(root.attrs)
+    names = StorageDtypes.from_meta(meta).array_names()
+    index = meta["index"]
+    for part_id in range(int(meta["num_parts"])):
+        part_dir = Path(path) / fmt.part_path(part_id)
+        group = zarr.open_group(store=str(part_dir), mode="r+", zarr_format=3)
+        commit = dict(group.attrs[fmt.PART_COMMIT_ATTR])
+        commit["checksum"] = part_checksum({name: group[name] for name in names}, names)
+        commit[DIGESTS_KEY] = part_file_digests(part_dir)
+        group.attrs[fmt.PART_COMMIT_ATTR] = commit
+        index["parts"][part_id] = commit
+    root.attrs["index"] = index

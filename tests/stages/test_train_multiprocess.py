@@ -59,7 +59,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(random_world
     assert val_two[8]["positions"] == val_one[8]["positions"]  # each process validated its half, summed
     assert val_two[8]["kl_kept_mass"] == pytest.approx(val_one[8]["kl_kept_mass"], rel=1e-5)
     ckpt = tmp_path / "two/checkpoints/step-000008"
-    assert (ckpt / "stream_rank0.pt").exists() and (ckpt / "stream_rank1.pt").exists()
+    assert (ckpt / "stream_rank0.json").exists() and (ckpt / "stream_rank1.json").exists()
     assert (ckpt / "random_states_1.pkl").exists()
 
 

@@ -19,7 +19,7 @@ from cache_schema import open_cache
 from pipeline.cli import main
 from stages.cache_teacher import cache_teacher
 from stages.verify_cache import scored_positions
-from tests.helpers.stage_helpers import tiny_config
+from tests.helpers.stage_helpers import reseal_cache, tiny_config
 from tests.helpers.tiny_teacher import build_tiny_teacher
 
 SCORE_ARRAYS = (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.LABEL_LOGPROBS)
@@ -66,6 +66,7 @@ def test_scores_shifted_by_one_position_fail_as_misaligned(capsys, tmp_path, tin
     for group in part_groups(path):
         for name in SCORE_ARRAYS:  # row i now holds row i + 1: each position carries its successor's scores
             group[name][:] = np.roll(group[name][:], -1, axis=0)
+    reseal_cache(path)  # a forged cache carries matching digests: only its values are wrong
     code, out, _ = verify(capsys, path, "--samples", "6", "--json")
     assert code == 1, out
     assert "DOES NOT HOLD" in out
@@ -83,6 +84,7 @@ def test_another_teachers_scores_fail(capsys, tmp_path, tiny_hf_cache, student_s
     for group, source in zip(part_groups(path), sources, strict=True):
         for name in SCORE_ARRAYS:
             group[name][:] = source[name][:]
+    reseal_cache(path)
     code, out, _ = verify(capsys, path, "--samples", "6")
     assert code == 1, out
     assert "DOES NOT HOLD" in out
