@@ -19,7 +19,7 @@ import pytest
 import zarr
 
 from cache_schema import lock
-from cache_schema.format import part_path
+from cache_schema.format import FORMAT_VERSION, part_path
 from cache_schema.lock import CacheWriteLock
 from kd.training import checkpoints
 from pipeline.cli import main as cli_main
@@ -144,7 +144,7 @@ def test_unreadable_format_version_is_an_error_in_stage_one_and_overwrite_replac
     _one_line(code, err, f"format_version {version!r}", "--overwrite")
     assert _tree_digest(tmp / "cache") == before
     assert _cli(capsys, "cache-teacher", tmp, "--overwrite")[0] == 0
-    assert zarr.open_group(store=str(tmp / "cache"), mode="r").attrs["format_version"] == 2
+    assert zarr.open_group(store=str(tmp / "cache"), mode="r").attrs["format_version"] == FORMAT_VERSION
 
 
 def test_run_all_overwrite_replaces_an_unreadable_cache(tmp, capsys, monkeypatch):
@@ -156,7 +156,7 @@ def test_run_all_overwrite_replaces_an_unreadable_cache(tmp, capsys, monkeypatch
     _one_line(code, err, "format_version 'two'", "--overwrite")
     code, _, err = _cli(capsys, "run-all", tmp, "--workers", "0", "--overwrite")
     assert code == 0, err
-    assert zarr.open_group(store=str(tmp / "cache"), mode="r").attrs["format_version"] == 2
+    assert zarr.open_group(store=str(tmp / "cache"), mode="r").attrs["format_version"] == FORMAT_VERSION
 
 
 # ---------------------------------------------------------------------------------- the machine fails
