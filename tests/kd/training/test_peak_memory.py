@@ -1,0 +1,30 @@
+"""PeakMemory reports the kernel's high-water mark: a peak inside a step, freed before the step ends, is caught."""
+
+import numpy as np
+
+from kd.training.metrics import MIB, PeakMemory
+
+
+def _transient_allocation(mib: int) -> None:
+    buffer = np.ones(mib * MIB // 8)  # touched pages: resident until freed at return
+    assert buffer.sum() > 0
+
+
+def test_peak_catches_a_transient_allocation_that_a_sample_misses():
+    peak = PeakMemory()
+    _transient_allocation(300)
+    sampled_after = peak.rss_at_start_bytes  # what a between-steps sample would have seen, about
+    record = peak.record()
+    assert peak.reset_ok  # Linux: each run's peak is its own
+    assert record["peak_rss_over_start_mb"] >= 290
+    assert peak.peak_bytes - sampled_after >= 290 * MIB
+    assert peak.process_peak_bytes() >= peak.peak_bytes
+    assert record["cuda_peak_allocated_mb"] is None or record["cuda_peak_allocated_mb"] >= 0
+
+
+def test_each_run_gets_its_own_peak_after_a_larger_one():
+    PeakMemory()
+    _transient_allocation(400)
+    small = PeakMemory()
+    _transient_allocation(50)
+    assert 40 <= small.record()["peak_rss_over_start_mb"] < 200
