@@ -37,6 +37,7 @@ from pipeline.assets.scale.scale_models import (
     task_token_ids,
 )
 from pipeline.assets.scale.scale_task import generate_scale_splits
+from pipeline.assets.scale.shaped_models import SHAPE_NAMES, build_shaped_model
 from pipeline.assets.synthetic_task import DEFAULT_SEED, SPLIT_SIZES, write_splits
 from pipeline.assets.task_accuracy import exact_match_accuracy
 from pipeline.assets.tiny_models import STUDENT_SHAPE, TEACHER_SHAPE, parameter_count, save_model_dir, stop_token_ids
@@ -151,10 +152,33 @@ def build(out: Path) -> dict:
     return info
 
 
+def build_shapes(out: Path, names: list[str]) -> dict[str, int]:
+    """Randomly initialised models of the shipped Qwen3 shapes under out/shaped/<name>/, and the task data
+    (out/data, as :func:`build` writes it), so scale_gpu.yaml needs nothing else; returns {name: parameters}."""
+    unknown = sorted(set(names) - set(SHAPE_NAMES))
+    if unknown:
+        raise SystemExit(f"error: unknown shape(s) {', '.join(unknown)}; shipped: {', '.join(SHAPE_NAMES)}")
+    _write_data(out)
+    tokenizer = build_qwen_tokenizer()
+    counts = {}
+    for name in names:
+        started = time.perf_counter()
+        counts[name] = build_shaped_model(name, tokenizer, out / "shaped" / name)
+        print(f"{name}: {counts[name]:,} parameters, random init -> {out / 'shaped' / name} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the real-vocabulary scale assets (local, not shipped).")
     parser.add_argument("--out", type=Path, default=SCALE_BUILD_DIR, help=f"output directory (default {SCALE_BUILD_DIR})")
+    parser.add_argument("--shapes", default=None,
+                        help=f"instead: randomly initialised models of these shipped shapes ({', '.join(SHAPE_NAMES)}), "
+                             "comma-separated, for GPU throughput and memory (weights do not matter there)")
     args = parser.parse_args(argv)
+    if args.shapes:
+        build_shapes(args.out, [name.strip() for name in args.shapes.split(",") if name.strip()])
+        return
     info = build(args.out)
     print(f"built {args.out} in {info['build_seconds']}s")
 
