@@ -31,7 +31,7 @@ help:
 	@echo "make train-student   stage two:  CONFIG=tiny.yaml ARGS='train.max_steps=20'"
 	@echo "make eval            evaluation: CONFIG=tiny.yaml ARGS='--steps 100,200'"
 	@echo "make assets          rebuild the tiny embedded assets (deterministic; ~15 min on 2 cores)"
-	@echo "make assets-scale    build the real-vocabulary (Qwen BPE, 151,936-row) assets locally for scale.yaml (~10 min)"
+	@echo "make assets-scale    build the real-vocabulary (Qwen BPE, 151,936-row) assets locally for scale.yaml (~10-15 min)"
 	@echo "make bench           benchmarks -> bench/results/*.json (installs the [bench] extra; ~15 min): ARGS='--only stage_two'"
 
 install: $(STAMP)
