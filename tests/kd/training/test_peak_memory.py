@@ -1,6 +1,7 @@
 """PeakMemory reports the kernel's high-water mark: a peak inside a step, freed before the step ends, is caught."""
 
 import numpy as np
+import psutil
 
 from kd.training.metrics import MIB, PeakMemory
 
@@ -13,11 +14,11 @@ def _transient_allocation(mib: int) -> None:
 def test_peak_catches_a_transient_allocation_that_a_sample_misses():
     peak = PeakMemory()
     _transient_allocation(300)
-    sampled_after = peak.rss_at_start_bytes  # what a between-steps sample would have seen, about
+    sampled_between_steps = psutil.Process().memory_info().rss  # the buffer is freed: a sample misses it
     record = peak.record()
     assert peak.reset_ok  # Linux: each run's peak is its own
     assert record["peak_rss_over_start_mb"] >= 290
-    assert peak.peak_bytes - sampled_after >= 290 * MIB
+    assert peak.peak_bytes - sampled_between_steps >= 250 * MIB
     assert peak.process_peak_bytes() >= peak.peak_bytes
     assert record["cuda_peak_allocated_mb"] is None or record["cuda_peak_allocated_mb"] >= 0
 
