@@ -1,14 +1,19 @@
 """PeakMemory reports the kernel's high-water mark: a peak inside a step, freed before the step ends, is caught."""
 
-import numpy as np
+import mmap
+
 import psutil
 
 from kd.training.metrics import MIB, PeakMemory
 
 
 def _transient_allocation(mib: int) -> None:
-    buffer = np.ones(mib * MIB // 8)  # touched pages: resident until freed at return
-    assert buffer.sum() > 0
+    """Fresh pages, touched (resident), freed at return: an anonymous mapping, so no allocator can serve it from
+    memory that is already resident (a malloc'ed buffer may reuse freed pages and never raise the RSS)."""
+    buffer = mmap.mmap(-1, mib * MIB)
+    for offset in range(0, mib * MIB, mmap.PAGESIZE):
+        buffer[offset] = 1
+    buffer.close()
 
 
 def test_peak_catches_a_transient_allocation_that_a_sample_misses():
