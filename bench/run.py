@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import click
@@ -48,6 +49,13 @@ def run_benchmarks(settings: BenchSettings, only: tuple[str, ...] = (), echo: Ca
     return written
 
 
+def result_dir(config_name: str, root: str) -> str:
+    """``root`` for the tiny config, ``root/<config stem>`` for any other: one config's results never replace
+    another's (the README shows the tiny and scale tables side by side)."""
+    stem = Path(config_name).name.removesuffix(".yaml")
+    return root if stem == "tiny" else f"{root}/{stem}"
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -62,14 +70,16 @@ def _csv(value: str) -> tuple[str, ...]:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads per process (default: the library's choice, all cores).")
 @click.option("--note", default=None, help="Text added to every result file's notes (e.g. machine was shared).")
-@click.option("--out", "out_dir", default="bench/results", show_default=True, help="Where <name>.json go.")
-@click.option("--work-dir", default="runs/bench", show_default=True, help="Scratch caches and runs.")
+@click.option("--out", "out_dir", default=None,
+              help="Where <name>.json go (default bench/results for tiny.yaml, bench/results/<config> otherwise).")
+@click.option("--work-dir", default=None, help="Scratch caches and runs (default runs/bench[/<config>]).")
 @click.argument("overrides", nargs=-1)
 def main(config_name: str, only: tuple[str, ...], backends: str, repeats: int, threads: int | None,
          note: str | None, out_dir: str, work_dir: str, overrides: tuple[str, ...]) -> None:
     """Benchmarks: stage-one throughput, stage-two cost, online GKD, cache size, loader headroom."""
     from bench.report import markdown_table
 
+    out_dir, work_dir = out_dir or result_dir(config_name, "bench/results"), work_dir or result_dir(config_name, "runs/bench")
     settings = BenchSettings(config_name=config_name, overrides=overrides, backends=_csv(backends),
                              repeats=repeats, threads=threads, note=note, out_dir=out_dir, work_dir=work_dir)
     started = time.perf_counter()

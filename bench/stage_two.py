@@ -4,8 +4,10 @@ Both conditions train the same student (the config's student.mode) on the same c
 count through stage two's own :func:`stages.train_student.train_step` (loader thread included, as in real
 training); CE-only is ``train.kd_weight=0 train.ce_weight=1`` (the KD term is then not computed at all).
 Each (condition, repeat) runs in a fresh process, the conditions interleaved, so every one has its own peak
-memory: RSS sampled after every step on CPU, ``torch.cuda.max_memory_allocated`` on GPU. Memory is also given
-over the process's RSS after its imports (before any model loads), which removes the library baseline.
+memory: the true high-water mark (kd.training.metrics.PeakMemory: ``ru_maxrss``, reset to the current RSS once
+the model is loaded, so it is the peak of the training steps with the model resident; on GPU
+``torch.cuda.max_memory_allocated``), not a sample between steps. Memory is also given over the process's RSS
+after its imports (before any model loads), which removes the library baseline.
 """
 
 from __future__ import annotations
@@ -73,11 +75,9 @@ def measure_condition(config_name: str, overrides: list[str], condition: str, wa
         plan = setup(cfg, overwrite=True, say=lambda *_: None)
         peak = PeakMemory()
         cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
         try:
             time_training_steps(plan, warmup)
-            times, tokens = time_training_steps(plan, steps, first_step=warmup + 1, on_step=peak.sample)
+            times, tokens = time_training_steps(plan, steps, first_step=warmup + 1)
         finally:
             plan.stream.close()
     finally:
@@ -85,7 +85,7 @@ def measure_condition(config_name: str, overrides: list[str], condition: str, wa
     return {"condition": condition, "step_time_s": statistics.median(times), "step_times_s": times,
             "tokens_per_s": tokens / sum(times), "peak_rss_mb": peak.peak_bytes / MIB,
             "peak_rss_over_imports_mb": (peak.peak_bytes - rss_after_imports) / MIB,
-            "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / MIB if cuda else None}
+            "cuda_max_allocated_mb": peak.cuda_peak_bytes() / MIB if cuda else None}
 
 
 def training_overrides_for(overrides: list[str], output_dir: str, max_steps: int) -> list[str]:
@@ -143,7 +143,8 @@ def condition_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 UNITS = {"step_time_s": "seconds per optimizer step (median of the timed steps of a repeat; spread over repeats)",
          "tokens_per_s": "student tokens (non-pad) trained per second",
-         "peak_rss_mb": "MiB, peak resident set size of the process during the timed steps",
+         "peak_rss_mb": "MiB, true peak resident set size (ru_maxrss high-water mark, reset after the model "
+                        "loads) of the condition's own fresh process over its warm-up and timed steps",
          "peak_rss_over_imports_mb": "MiB, that peak minus the RSS after imports (models, data, activations)",
          "cuda_max_allocated_mb": "MiB, torch.cuda.max_memory_allocated (GPU only)",
          "ratios": "medians divided (dimensionless)"}

@@ -408,7 +408,6 @@ def run(plan: StageTwoPlan, *, progress: bool = True) -> RunResult:
             numbers = train_step(plan, step)
             seconds = time.perf_counter() - tick
             result.step_times.append(seconds)
-            result.peak.sample()
             result.tokens += numbers["tokens"]
             tokens_seen += numbers["tokens"]
             window_tokens, window_seconds = window_tokens + numbers["tokens"], window_seconds + seconds
@@ -418,7 +417,8 @@ def run(plan: StageTwoPlan, *, progress: bool = True) -> RunResult:
             if (tr.log_every and step % tr.log_every == 0) or last:
                 tokens_per_s = window_tokens / max(window_seconds, 1e-9)
                 log.record({"split": "train", "step": step, **numbers, "tokens_per_s": round(tokens_per_s, 1),
-                            "step_time_s": round(seconds, 4), "elapsed_s": round(elapsed, 3)})
+                            "step_time_s": round(seconds, 4), "elapsed_s": round(elapsed, 3),
+                            **result.peak.record()})
                 log.advance(0, loss=f"{numbers['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
                 window_tokens, window_seconds = 0.0, 0.0
             log.advance(1)
@@ -449,8 +449,7 @@ def summarize(plan: StageTwoPlan, result: RunResult, final_paths: dict[str, str]
         "validations": result.validations,
         "tokens_per_s": round(result.tokens / result.train_seconds, 1) if result.train_seconds else None,
         "step_time_s": round(step_time, 5) if step_time else None,
-        "peak_rss_mb": round(result.peak.peak_bytes / 2**20, 1) if result.peak else None,
-        "process_max_rss_mb": round(PeakMemory.lifetime_peak_bytes() / 2**20, 1),
+        **(result.peak.summary() if result.peak else {"peak_rss_mb": None}),  # true high-water marks, not samples
         "num_processes": plan.accelerator.num_processes,
         "output_dir": str(out), "checkpoint": str(ckpt.latest_checkpoint(out)),
         "metrics": str(out / METRICS_FILE), "tensorboard": str(out / TENSORBOARD_DIR),
@@ -462,11 +461,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     def num(value, spec):
         return "n/a" if value is None else format(value, spec)
 
+    gpu = summary.get("cuda_peak_allocated_mb")
+    memory = f"peak RSS {num(summary['peak_rss_mb'], '.0f')} MiB" + (f", GPU {gpu:.0f} MiB allocated" if gpu else "")
     lines = [f"stage two done: {summary['steps']} steps (from step {summary['start_step']}), final train loss "
              f"{num(summary['final_train_loss'], '.4f')}; held-out KL to the teacher (kept mass) "
              f"{num(summary['first_validation_kl'], '.4f')} → {num(summary['last_validation_kl'], '.4f')}",
              f"  {num(summary['tokens_per_s'], '.0f')} tokens/s, {num(summary['step_time_s'], '.3f')} s/step, "
-             f"peak RSS {num(summary['peak_rss_mb'], '.0f')} MB, {summary['num_processes']} process(es)",
+             f"{memory} (true high-water marks of the loop), {summary['num_processes']} process(es)",
              f"  metrics: {summary['metrics']} · TensorBoard: {summary['tensorboard']}",
              f"  checkpoint: {summary['checkpoint']}"]
     lines += [f"  final {kind}: {path}" for kind, path in summary["final"].items()]

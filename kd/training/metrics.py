@@ -1,4 +1,4 @@
-"""Stage two's logging: metrics.jsonl, TensorBoard scalars, the progress bar, and memory measurement.
+"""Stage two's logging: metrics.jsonl, TensorBoard scalars, the progress bar, and true peak memory.
 
 Only the main process writes (the loop reduces numbers across processes first). On resume, metrics.jsonl is
 cut back to the checkpoint's step and TensorBoard purges later events, so a run killed after its last
@@ -12,6 +12,9 @@ import math
 import resource
 from pathlib import Path
 from typing import Any
+
+import psutil
+import torch
 
 from kd.files import atomic_write
 
@@ -99,24 +102,62 @@ class MetricsLog:
             self.enabled = False
 
 
-class PeakMemory:
-    """Peak resident memory of this process during a run, sampled at each call of :meth:`sample`.
+MIB = 2**20
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 
-    ``ru_maxrss`` is the lifetime peak of the process (it cannot go down), so in one process running several
-    trainings (tests) it would report the largest one for all; sampling the current RSS gives each run its
-    own peak. Both are reported.
+
+def _max_rss_bytes() -> int:
+    """The kernel's high-water mark of this process's resident set (getrusage reports KiB on Linux)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _reset_rss_high_water_mark() -> bool:
+    """Set the high-water mark back to the current RSS (Linux >= 4.0: "5" to /proc/self/clear_refs)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMemory:
+    """The true peak memory of a run: the kernel's high-water marks, not samples taken between steps.
+
+    CPU: ``ru_maxrss`` (the peak resident set size; it catches the peak inside a step's backward that a sample
+    between steps misses). It is reset to the current RSS when the run starts, so the peak is the run's own
+    (models already loaded count, as they are resident) even in a process that ran other things first (tests,
+    model loading); where the kernel refuses the reset (not Linux), ``reset_ok`` is False and the peak includes
+    everything the process did before. GPU: ``torch.cuda.max_memory_allocated`` after a reset of its statistics.
     """
 
     def __init__(self) -> None:
-        import psutil
+        self.process_peak_before_bytes = _max_rss_bytes()
+        self.rss_at_start_bytes = psutil.Process().memory_info().rss
+        self.reset_ok = _reset_rss_high_water_mark()
+        self._cuda = torch.cuda.is_available()
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats()
 
-        self._process = psutil.Process()
-        self.peak_bytes = 0
-        self.sample()
+    @property
+    def peak_bytes(self) -> int:
+        """Peak RSS since the start of the run (since the process started when ``reset_ok`` is False)."""
+        return _max_rss_bytes()
 
-    def sample(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+    def process_peak_bytes(self) -> int:
+        """Peak RSS over the whole life of the process (before the run included)."""
+        return max(self.process_peak_before_bytes, self.peak_bytes)
 
-    @staticmethod
-    def lifetime_peak_bytes() -> int:
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    def cuda_peak_bytes(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated()) if self._cuda else None
+
+    def record(self) -> dict[str, float | None]:
+        """The peaks in MiB, for metrics records and summaries."""
+        cuda = self.cuda_peak_bytes()
+        return {"peak_rss_mb": round(self.peak_bytes / MIB, 1),
+                "peak_rss_over_start_mb": round((self.peak_bytes - self.rss_at_start_bytes) / MIB, 1),
+                "cuda_peak_allocated_mb": None if cuda is None else round(cuda / MIB, 1)}
+
+    def summary(self) -> dict[str, float | bool | None]:
+        """:meth:`record` plus whether the peak is the run's own and the process's lifetime peak."""
+        return {**self.record(), "peak_rss_reset_at_start": self.reset_ok,
+                "process_max_rss_mb": round(self.process_peak_bytes() / MIB, 1)}

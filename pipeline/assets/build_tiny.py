@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.assets.asset_readme import write_readme
 from pipeline.assets.lm_training import TrainingPlan, train_causal_lm
-from pipeline.assets.synthetic_task import DEFAULT_SEED, SPLIT_SIZES, generate_splits, write_jsonl
+from pipeline.assets.synthetic_task import DEFAULT_SEED, SPLIT_SIZES, generate_splits, write_splits
 from pipeline.assets.task_accuracy import exact_match_accuracy
 from pipeline.assets.tiny_models import (
     STUDENT_SHAPE,
@@ -108,8 +108,7 @@ def build(out: Path) -> dict:
 
     all_rows = generate_splits(DEFAULT_SEED, {**SPLIT_SIZES, "teacher_extra": TEACHER_EXTRA_ROWS})
     splits = {name: all_rows[name] for name in SPLIT_SIZES}
-    for name, rows in splits.items():
-        write_jsonl(rows, out / "data" / f"{name}.jsonl")
+    write_splits(splits, out / "data")
     tokenizer = train_tokenizer(task_texts(splits["train"]), DEFAULT_VOCAB_SIZE)
     save_tokenizer(tokenizer, out / "tokenizer")
 

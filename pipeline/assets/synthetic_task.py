@@ -173,6 +173,12 @@ def write_jsonl(rows: list[Row], path: Path) -> None:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def write_splits(splits: dict[str, list[Row]], directory: Path) -> None:
+    """``directory/<split>.jsonl`` for every split."""
+    for name, rows in splits.items():
+        write_jsonl(rows, directory / f"{name}.jsonl")
+
+
 def read_jsonl(path: Path) -> list[Row]:
     rows = []
     with open(path, encoding="utf-8") as handle:

@@ -15,18 +15,12 @@ from kd.data.prompting import (
     has_chat_template,
     prompt_ids,
 )
+from pipeline.assets.scale.real_tokenizer import QWEN3_CHAT_TEMPLATE
 from pipeline.assets.synthetic_task import generate_rows
 from pipeline.assets.tiny_tokenizer import IM_END, IM_START, task_texts, train_tokenizer
 
-# Mimics the part of Qwen3's template that matters here: the empty think block with thinking disabled.
-QWEN3_LIKE_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
+# Qwen3's template as far as it matters here (the empty think block with thinking disabled): the scale assets'.
+QWEN3_LIKE_TEMPLATE = QWEN3_CHAT_TEMPLATE
 
 
 @pytest.fixture(scope="module")
