@@ -6,8 +6,9 @@ by descending logprob, zstd.
 ``compact`` (version 3): per row the K ids are sorted ascending and stored as differences (the first id as is),
 ``topk_id_deltas`` uint32 [N, K]; the logprobs, in that same id order, as uint8 codes
 ``topk_logprob_codes`` [N, K] = ceil((top − lp) / step) clamped to 255, with the row's top logprob kept exactly in
-``topk_top_logprobs`` float32 [N]. Both [N, K] arrays go through blosc (zstd, byte shuffle), which turns the small
-deltas and codes into few bits each. Reading decodes a whole block at once (a cumulative sum, a lookup and a
+``topk_top_logprobs`` float32 [N]. Both [N, K] arrays go through zstd at level 9, which turns the small deltas
+and codes into few bits each (measured at Qwen's 151,936-row vocabulary, K=64: ~6.8 bits per id delta and ~4.6
+per code; blosc with byte shuffle gave 8.0 bits per id, bit shuffle 12.1). Reading decodes a whole block at once (a cumulative sum, a lookup and a
 stable argsort per row; no Python loop per entry) and restores the descending-logprob order; ties keep
 ascending id order. Decoded logprobs lie in (lp − step, lp] — never above the true value, so kept mass stays
 ≤ 1 — except entries more than 255·step below their row's top, stored at top − 255·step (their probability is
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import ZstdCodec
 
 from cache_schema import format as fmt
 
@@ -30,6 +31,8 @@ ENCODINGS = ("plain", "compact")
 COMPACT_LOGPROB_STEP = 1.0 / 16.0
 """Quantization step of compact logprob codes (nats): decoded values are at most this much below the truth."""
 _MAX_CODE = 255
+COMPACT_ZSTD_LEVEL = 9
+"""zstd level of the compact [N, K] arrays: decoding speed does not depend on it, stage one's writes barely."""
 ID_DELTA_DTYPE = np.dtype("uint32")
 LOGPROB_CODE_DTYPE = np.dtype("uint8")
 TOP_LOGPROB_DTYPE = np.dtype("float32")
@@ -47,7 +50,7 @@ def encoding_meta(name: str) -> dict[str, Any]:
     return {"name": "compact", "id_coding": "sorted_delta_uint32", "logprob_step": COMPACT_LOGPROB_STEP,
             "logprob_error": f"decoded in (lp - {COMPACT_LOGPROB_STEP}, lp]; entries below top - "
                              f"{_MAX_CODE * COMPACT_LOGPROB_STEP} nats stored at that floor",
-            "codec": "blosc zstd clevel 5 byte-shuffle"}
+            "codec": f"zstd level {COMPACT_ZSTD_LEVEL}"}
 
 
 def cache_encoding(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -65,11 +68,9 @@ def topk_array_names(encoding: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def compressors_for(name: str) -> Any:
-    """The zarr compressor of one array: blosc with byte shuffle for compact rows, zstd otherwise."""
+    """The zarr compressor of one array: zstd, at a higher level for the compact top-K rows."""
     if name in (fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES):
-        return BloscCodec(typesize=np.dtype(ID_DELTA_DTYPE if name == fmt.TOPK_ID_DELTAS
-                                            else LOGPROB_CODE_DTYPE).itemsize,
-                          cname="zstd", clevel=5, shuffle="shuffle")
+        return ZstdCodec(level=COMPACT_ZSTD_LEVEL)
     return ZstdCodec(level=fmt.ZSTD_LEVEL)
 
 

@@ -219,7 +219,8 @@ class CacheConfig:
     encoding: str = "plain"
     """How top-K rows are stored: ``plain`` (ids in the smallest integer type + ``logprob_dtype`` logprobs, zstd)
     or ``compact`` (ids sorted and delta-coded, logprobs as 8-bit codes 1/16 nat apart below each row's exact
-    top, blosc): about half the bytes at real vocabularies for a logprob error < 0.0625 nats (never upward)."""
+    top, zstd 9): about 0.55-0.6x the bytes at real vocabularies for a logprob error < 0.0625 nats (never
+    upward); the loader decodes it vectorised."""
     temperatures: Optional[list[float]] = None
     """Temperatures at which the cache stores the teacher's log-normalizer log Σ_V p^(1/τ) (4 bytes per scored
     position each), so ``train.topk_handling: tail`` tempers the tail exactly at them; 1 is always included.

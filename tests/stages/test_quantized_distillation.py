@@ -22,9 +22,10 @@ RELATIONS = ["teacher.attention.enabled=true", "teacher.attention.num_heads=4", 
 # precision, 0.8473 fake-quantized), so the int4 modes can only show distillation progress, which needs a few
 # hundred distinct samples (on 80 the held-out KL rises while the training loss falls) and, at these learning
 # rates, ~30 steps past an early rise (measured, qat_int4: 0.847 → 0.895 at step 10 → 0.832 at step 40).
-# The ternary student starts far off (absmean rounding, fresh SubLN) and falls fast.
-SHORT = ["train.max_steps=40", "train.batch_size=16", "train.warmup_steps=4", "train.num_validation_samples=32",
-         "train.eval_every=40", "train.save_every=40", "train.log_every=10"]
+# The ternary student starts far off (absmean rounding, fresh SubLN) and falls fast. 60 steps: at 40 the
+# int4 + LoRA drop sat at the 1% threshold (0.8473 → 0.8389) with the loader's block-window order.
+SHORT = ["train.max_steps=60", "train.batch_size=16", "train.warmup_steps=4", "train.num_validation_samples=32",
+         "train.eval_every=60", "train.save_every=60", "train.log_every=10"]
 LR = {"qat_int4": "1e-3", "qat_int4_lora": "3e-3", "ternary": "1e-3"}
 DROP = {"qat_int4": 0.99, "qat_int4_lora": 0.99, "ternary": 0.6}  # last < DROP · first
 
@@ -50,7 +51,7 @@ def test_short_distillation_lowers_held_out_kl_and_export_matches(distill_cache,
     summary = train_student(_config(distill_cache / "cache", tmp_path / "run", f"student.mode={mode}",
                                     f"train.lr={LR[mode]}"), progress=False, echo=quiet)
     first, last = summary["first_validation_kl"], summary["last_validation_kl"]
-    print(f"\n{mode}: held-out KL {first:.4f} → {last:.4f} in 40 steps")
+    print(f"\n{mode}: held-out KL {first:.4f} → {last:.4f} in 60 steps")
     assert last < DROP[mode] * first
 
     assert main(["export", "--run", str(tmp_path / "run")]) == 0
