@@ -14,12 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from cache_schema import ENCODINGS
-
 from bench.records import BenchResult, ratio
 from bench.workspace import BenchSettings, bench_config, config_record
+from cache_schema import ENCODINGS
+from cache_schema.encoding import COMPACT_ARRAYS, PLAIN_ARRAYS
 
-TOPK_ARRAYS = ("topk_ids", "topk_logprobs", "topk_id_deltas", "topk_logprob_codes", "topk_top_logprobs")
+TOPK_ARRAYS = PLAIN_ARRAYS + COMPACT_ARRAYS  # whichever the cache's encoding stores
 
 
 def bytes_by_array(cache_path: str) -> dict[str, int]:

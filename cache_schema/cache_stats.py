@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cache_schema import format as fmt
+from cache_schema.encoding import topk_array_names
 
 if TYPE_CHECKING:
     from cache_schema.reader import KDCache
@@ -65,9 +66,7 @@ def per_source(cache: "KDCache") -> dict[str, dict[str, int]] | None:
 
 def _topk_bytes(cache: "KDCache") -> int:
     """Bytes on disk of the arrays that hold the top-K rows (ids + logprobs, whatever the encoding)."""
-    names = cache.dtypes.array_names()
-    topk = [n for n in names if n in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES,
-                                      fmt.TOPK_TOP_LOGPROBS)]
+    topk = topk_array_names(cache.dtypes.topk_encoding)
     return sum(f.stat().st_size for part in cache.parts for name in topk
                for f in (cache.path / fmt.part_path(part.part_id) / name).rglob("*") if f.is_file())
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cache_schema import format as fmt
+from cache_schema.encoding import topk_array_names
 from cache_schema.part_layout import part_checksum
 from cache_schema.sample_checks import rules_from_meta, sample_problems
 
@@ -71,8 +72,8 @@ def _offset_problems(part: "PartView") -> list[str]:
             problems.append(f"{where} not monotone at sample {s} ({sample_id!r}): {offsets[s]} -> {offsets[s + 1]}")
         if offsets[-1] != part.arrays[flat_name].shape[0]:
             problems.append(f"{where} ends at {offsets[-1]} but {flat_name} has {part.arrays[flat_name].shape[0]} rows")
-    label_arrays = (fmt.LABEL_POSITIONS, fmt.TEACHER_POSITIONS, fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.LOG_NORMALIZERS,
-                    fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES, fmt.TOPK_TOP_LOGPROBS)
+    label_arrays = (fmt.LABEL_POSITIONS, fmt.TEACHER_POSITIONS, fmt.LOG_NORMALIZERS,
+                    *topk_array_names(part.topk_encoding))
     for name in (name for name in label_arrays if name in part.arrays):
         if part.arrays[name].shape[0] != part.arrays[fmt.LABEL_LOGPROBS].shape[0]:
             problems.append(f"part {part.part_id}: {name} length differs from {fmt.LABEL_LOGPROBS}")

@@ -76,12 +76,14 @@ class PartView:
 
     def read_topk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Decoded top-K rows [start, stop) of the part's N axis: (ids [r, K] int64, logprobs [r, K] float32)."""
-        block = self._decoded(self._read({name: slice(start, stop) for name in self._topk_names()}))
+        names = topk_array_names(self.topk_encoding)
+        block = self._decoded(self._read({name: slice(start, stop) for name in names}))
         return block[fmt.TOPK_IDS], block[fmt.TOPK_LOGPROBS]
 
-    def _topk_names(self) -> tuple[str, ...]:
-        names = (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES, fmt.TOPK_TOP_LOGPROBS)
-        return tuple(name for name in names if name in self.arrays)
+    @property
+    def topk_encoding(self) -> dict[str, Any]:
+        """The cache's top-K encoding record (``plain`` when the part was built without a layout)."""
+        return self.dtypes.topk_encoding if self.dtypes is not None else {"name": "plain"}
 
     def _read(self, slices: dict[str, slice]) -> dict[str, np.ndarray]:
         if _run_on_zarr_loop is None:
@@ -93,7 +95,7 @@ class PartView:
         return dict(zip(slices, _run_on_zarr_loop(read_all()), strict=True))
 
     def _decoded(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        encoding = self.dtypes.topk_encoding if self.dtypes is not None else {"name": "plain"}
+        encoding = self.topk_encoding
         if encoding["name"] == "plain":
             return block
         ids, logprobs = decode_rows(block, encoding, self.vocab_size, f"part {self.part_id}")
