@@ -1,8 +1,8 @@
 """Teacher scoring with a transformers causal LM (also the only backend that captures attention relations).
 
 Per batch: run the base model (no lm_head) to get last hidden states [B, T, H], gather only the rows at the
-predicting positions tp - 1 of every request ([N, H]), then project them through the lm_head in chunks of
-`logprob_chunk` rows: fp32 logits -> log_softmax -> topk. The full [B, T, V] logit tensor is never built.
+predicting positions tp - 1 of every request ([N, H]), then reduce them with kd.teacher.logit_rows (lm_head in
+chunks of `logprob_chunk` rows: fp32 logits -> log_softmax -> topk). The full [B, T, V] logit tensor is never built.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from kd.config import TeacherConfig
 from kd.errors import TeacherConfigError
 from kd.relations import capture_projections, projection_modules, relation_matrices
+from kd.teacher.logit_rows import LogitHead, targets_from_hidden_rows
 from kd.teacher.types import ScoreRequest, ScoreResult, check_top_k_fits, checked_request_arrays, empty_result
 
 # fp32 probe tolerance when checking that lm_head(+softcap) reproduces model(...).logits at load time.
@@ -72,11 +73,11 @@ class HFTeacherBackend:
             ) from error
         self.model.to(self.device).eval()
         self.decoder = self.model.get_decoder()
-        self.lm_head = self.model.get_output_embeddings()
-        self.vocab_size = int(self.lm_head.weight.shape[0])
+        self.head = LogitHead(self.model.get_output_embeddings(),
+                              getattr(self.model.config, "final_logit_softcapping", None))
+        self.vocab_size = self.head.vocab_size
         self.top_k = teacher.top_k
         check_top_k_fits(self.top_k, self.vocab_size, teacher.model)
-        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.max_len = getattr(self.model.config, "max_position_embeddings", None)
         self.relation_modules = None
         if teacher.attention.enabled:
@@ -86,7 +87,7 @@ class HFTeacherBackend:
         self._check_logit_path()
 
     def close(self) -> None:
-        self.model = self.decoder = self.lm_head = self.relation_modules = None
+        self.model = self.decoder = self.head = self.relation_modules = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -100,20 +101,13 @@ class HFTeacherBackend:
         probe = torch.arange(8, device=self.device).remainder(self.vocab_size).unsqueeze(0)  # [1, 8]
         expected = self.model(input_ids=probe).logits.float()  # [1, 8, V]
         hidden = self.decoder(input_ids=probe).last_hidden_state
-        actual = self._logits(hidden[0])
+        actual = self.head(hidden[0])
         error = (expected[0] - actual).abs().max().item()
         if error > LOGIT_PROBE_TOLERANCE.get(self.dtype, 0.1) * max(1.0, expected.abs().max().item()):
             raise TeacherConfigError(
                 f"{type(self.model).__name__} ({self.teacher.model}) transforms its logits beyond lm_head and "
                 f"final_logit_softcapping (max deviation {error:.3g}); the hf teacher backend does not support it"
             )
-
-    def _logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        """[N, H] hidden rows -> [N, V] fp32 logits (softcapping applied as the model's forward does)."""
-        logits = self.lm_head(hidden_rows).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
 
     def score(self, requests: list[ScoreRequest], temperatures: Sequence[float] = ()) -> list[ScoreResult]:
         """Score requests in length-sorted batches; results come back in request order. With ``temperatures``
@@ -168,7 +162,8 @@ class HFTeacherBackend:
             projections = dict(captured)
         predicting_rows = hidden[row_index, target_pos - 1]  # [N, H] rows at tp - 1
         labels = input_ids[row_index, target_pos]  # [N]
-        topk_ids, topk_logprobs, label_logprobs, normalizers = self._top_k_rows(predicting_rows, labels, temperatures)
+        targets = targets_from_hidden_rows(predicting_rows, labels, self.head, self.top_k, temperatures,
+                                           self.teacher.logprob_chunk)
 
         results = []
         start = 0
@@ -181,41 +176,15 @@ class HFTeacherBackend:
                     projections[name][row, target_pos[start:stop]].float() for name in ("q_proj", "k_proj", "v_proj")
                 )
                 relations = relation_matrices(q, k, v, self.teacher.attention.num_heads).cpu().numpy()
+            rows = targets.rows(start, stop)
             results.append(
                 ScoreResult(
-                    topk_ids=topk_ids[start:stop],
-                    topk_logprobs=topk_logprobs[start:stop],
-                    label_logprobs=label_logprobs[start:stop],
+                    topk_ids=rows.topk_ids,
+                    topk_logprobs=rows.topk_logprobs,
+                    label_logprobs=rows.label_logprobs,
                     relations=relations,
-                    log_normalizers=normalizers[start:stop] if temperatures else None,
+                    log_normalizers=rows.log_normalizers if temperatures else None,
                 )
             )
             start = stop
         return results
-
-    def _top_k_rows(
-        self, hidden_rows: torch.Tensor, labels: torch.Tensor, temperatures: tuple[float, ...] = ()
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """[N, H] hidden rows + [N] labels -> (topk_ids [N, K] int64, topk_logprobs [N, K] f32, label [N] f32,
-        log_normalizers [N, M] f32: log Σ_V p^(1/τ_m) of the same fp32 log-softmax, one column per τ_m).
-
-        Chunks of `logprob_chunk` rows bound the fp32 [chunk, V] logits buffer.
-        """
-        ids_chunks, logprob_chunks, label_chunks, normalizer_chunks = [], [], [], []
-        chunk = self.teacher.logprob_chunk
-        for start in range(0, hidden_rows.shape[0], chunk):
-            logprobs = torch.log_softmax(self._logits(hidden_rows[start : start + chunk]), dim=-1)  # [c, V]
-            values, ids = torch.topk(logprobs, self.top_k, dim=-1, sorted=True)  # [c, K]
-            label = logprobs.gather(1, labels[start : start + chunk, None]).squeeze(1)  # [c]
-            normalizers = [torch.logsumexp(logprobs / tau, dim=-1) for tau in temperatures]  # M x [c]
-            normalizer_chunks.append(torch.stack(normalizers, dim=1).cpu() if normalizers
-                                     else torch.zeros((values.shape[0], 0)))
-            ids_chunks.append(ids.cpu())
-            logprob_chunks.append(values.cpu())
-            label_chunks.append(label.cpu())
-        return (
-            torch.cat(ids_chunks).numpy().astype(np.int64),
-            torch.cat(logprob_chunks).numpy().astype(np.float32),
-            torch.cat(label_chunks).numpy().astype(np.float32),
-            torch.cat(normalizer_chunks).numpy().astype(np.float32),
-        )
