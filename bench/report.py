@@ -81,6 +81,32 @@ def loader_table(result: dict[str, Any]) -> list[str]:
                f"| compact / plain loader | {_x(r['compact_over_plain'])} | |"] if "loader_compact" in r else [])]
 
 
+SCALING_COLUMNS = {"stage_one_vs_samples": ("num_samples", "seconds", "teacher_tokens_per_s"),
+                   "stage_one_vs_context": ("num_fewshot", "teacher_tokens_per_sample", "seconds",
+                                            "teacher_tokens_per_s"),
+                   "stage_two_vs_top_k": ("top_k", "condition", "step_time_s", "peak_rss_mb"),
+                   "stage_two_vs_sequence_length": ("sequence_length", "condition", "step_time_s", "peak_rss_mb"),
+                   "bytes_vs_top_k": ("top_k", "bytes_per_token", "bytes_per_entry")}
+
+
+def scaling_tables(result: dict[str, Any]) -> list[str]:
+    """One small table per scaling curve (the PNGs beside the JSON plot the same rows)."""
+    lines: list[str] = []
+    for name, columns in SCALING_COLUMNS.items():
+        rows = result["results"].get(name) or []
+        if not rows:
+            continue
+        if lines:
+            lines.append("")
+        lines += [f"| {name.replace('_', ' ')}: " + " | ".join(columns[:1]) + " | " + " | ".join(columns[1:]) + " |",
+                  "|" + "---|" * len(columns)]
+        for row in rows:
+            cells = ["any" if row.get(c) is None and c == "top_k" else
+                     f"{row[c]:,.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown tables for whichever results are present (medians ± relative spread over repeats)."""
     blocks = []
@@ -92,4 +118,6 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         blocks.append(cache_size_table(results["cache_size"]))
     if "loader" in results:
         blocks.append(loader_table(results["loader"]))
+    if "scaling" in results:
+        blocks.append(scaling_tables(results["scaling"]))
     return "\n\n".join("\n".join(block) for block in blocks)

@@ -19,7 +19,7 @@ import click
 
 from bench.workspace import BenchSettings
 
-BENCHMARKS = ("cache_size", "stage_one", "stage_two", "online_gkd", "loader")
+BENCHMARKS = ("cache_size", "stage_one", "stage_two", "online_gkd", "loader", "scaling")
 
 
 def _runner(name: str) -> Callable:
@@ -69,19 +69,22 @@ def _csv(value: str) -> tuple[str, ...]:
               help="Timed repeats per condition, after one warm-up.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads per process (default: the library's choice, all cores).")
+@click.option("--cache-samples", type=click.IntRange(min=8), default=BenchSettings.cache_samples, show_default=True,
+              help="Samples in the cache the training, loader and scaling benchmarks read.")
 @click.option("--note", default=None, help="Text added to every result file's notes (e.g. machine was shared).")
 @click.option("--out", "out_dir", default=None,
               help="Where <name>.json go (default bench/results for tiny.yaml, bench/results/<config> otherwise).")
 @click.option("--work-dir", default=None, help="Scratch caches and runs (default runs/bench[/<config>]).")
 @click.argument("overrides", nargs=-1)
 def main(config_name: str, only: tuple[str, ...], backends: str, repeats: int, threads: int | None,
-         note: str | None, out_dir: str, work_dir: str, overrides: tuple[str, ...]) -> None:
+         cache_samples: int, note: str | None, out_dir: str, work_dir: str, overrides: tuple[str, ...]) -> None:
     """Benchmarks: stage-one throughput, stage-two cost, online GKD, cache size, loader headroom."""
     from bench.report import markdown_table
 
     out_dir, work_dir = out_dir or result_dir(config_name, "bench/results"), work_dir or result_dir(config_name, "runs/bench")
     settings = BenchSettings(config_name=config_name, overrides=overrides, backends=_csv(backends),
-                             repeats=repeats, threads=threads, note=note, out_dir=out_dir, work_dir=work_dir)
+                             repeats=repeats, threads=threads, note=note, out_dir=out_dir, work_dir=work_dir,
+                             cache_samples=cache_samples)
     started = time.perf_counter()
     written = run_benchmarks(settings, only, echo=click.echo)
     click.echo(markdown_table({name: json.loads(open(path).read()) for name, path in written.items()}))

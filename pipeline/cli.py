@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -16,8 +17,16 @@ from cache_schema import CacheError
 from kd.errors import UserError
 from kd.teacher.factory import DEFAULT_VERIFY_BACKEND, TEACHER_BACKENDS
 from pipeline.failures import named_os_errors
+from pipeline.run_log import library_output_to_log, run_log_path
 
 CONFIG_HELP = "Config file path, or a bare name from configs/ (e.g. tiny.yaml)."
+
+
+def verbose_option(command):
+    """``--verbose``: libraries' warnings and progress bars on the terminal too (default: only in the run log)."""
+    return click.option("--verbose", is_flag=True,
+                        help="Show libraries' warnings and progress bars here too (default: they go to "
+                             "<run dir>/logs/<command>.log).")(command)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -63,14 +72,17 @@ def inspect_cache(path: str, as_json: bool, validate: bool) -> None:
 @click.option("--server-url", "server_urls", multiple=True,
               help="--backend server: a server URL (repeatable; default: the recorded teacher.server.urls).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON.")
+@verbose_option
 @click.pass_context
 def verify_cache_command(ctx: click.Context, path: str, samples: int, backend: str | None, seed: int,
-                         model: str | None, server_urls: tuple[str, ...], as_json: bool) -> None:
+                         model: str | None, server_urls: tuple[str, ...], as_json: bool, verbose: bool) -> None:
     """Re-score a random sample of a cache with its teacher; exit 0 when it agrees within tolerance, else 1."""
     from stages.verify_cache import verify_cache
 
-    report = verify_cache(path, samples=samples, seed=seed, backend=backend, model=model,
-                          server_urls=server_urls, echo=click.echo)
+    log = Path(path).resolve().parent / "logs" / "verify-cache.log"
+    with library_output_to_log(log, "verify-cache", verbose, echo=click.echo):
+        report = verify_cache(path, samples=samples, seed=seed, backend=backend, model=model,
+                              server_urls=server_urls, echo=click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     ctx.exit(0 if report["holds"] else 1)
@@ -85,15 +97,18 @@ def verify_cache_command(ctx: click.Context, path: str, samples: int, backend: s
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other fingerprints.")
 @click.option("--repair", is_flag=True, help="Read every part back and re-score only the damaged ones.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@verbose_option
 @click.argument("overrides", nargs=-1)
 def cache_teacher_command(config_name: str, workers: int, scheduler: str | None, overwrite: bool, repair: bool,
-                          progress: bool, overrides: tuple[str, ...]) -> None:
+                          progress: bool, verbose: bool, overrides: tuple[str, ...]) -> None:
     """Stage one: score the samples with the teacher and write the top-K cache (resumable)."""
     from pipeline.config_loader import load_config
     from stages.cache_teacher import cache_teacher
 
     cfg = load_config(config_name, overrides)
-    with named_os_errors(f"cache.path={cfg.cache.path}"):
+    log = run_log_path(cfg, "cache-teacher")
+    with named_os_errors(f"cache.path={cfg.cache.path}"), \
+            library_output_to_log(log, "cache-teacher", verbose, echo=click.echo):
         cache_teacher(cfg, workers=workers, scheduler=scheduler, overwrite=overwrite, repair=repair,
                       progress=progress, echo=click.echo)
 
@@ -103,15 +118,18 @@ def cache_teacher_command(config_name: str, workers: int, scheduler: str | None,
 @click.option("--resume", is_flag=True, help="Continue exactly from the latest complete checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start over in an output_dir that holds another run.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@verbose_option
 @click.argument("overrides", nargs=-1)
-def train_student_command(config_name: str, resume: bool, overwrite: bool, progress: bool,
+def train_student_command(config_name: str, resume: bool, overwrite: bool, progress: bool, verbose: bool,
                           overrides: tuple[str, ...]) -> None:
     """Stage two: train the student from the cache (the teacher is never loaded)."""
     from pipeline.config_loader import load_config
     from stages.train_student import train_student
 
     cfg = load_config(config_name, overrides)
-    with named_os_errors(f"train.output_dir={cfg.train.output_dir}"):
+    log = run_log_path(cfg, "train-student")
+    with named_os_errors(f"train.output_dir={cfg.train.output_dir}"), \
+            library_output_to_log(log, "train-student", verbose, echo=click.echo):
         train_student(cfg, resume=resume, overwrite=overwrite, progress=progress, echo=click.echo)
 
 
@@ -124,15 +142,18 @@ def train_student_command(config_name: str, resume: bool, overwrite: bool, progr
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 @click.option("--baseline", type=click.Choice(["none", "sft"]), default=None,
               help="sft: also train a CE-only student of the same steps and report it (sets eval.baseline).")
+@verbose_option
 @click.argument("overrides", nargs=-1)
 def run_all_command(config_name: str, workers: int, overwrite: bool, resume: bool, progress: bool,
-                    baseline: str | None, overrides: tuple[str, ...]) -> None:
+                    baseline: str | None, verbose: bool, overrides: tuple[str, ...]) -> None:
     """Both stages (stage one skipped when a matching complete cache exists), then evaluation."""
     from pipeline.config_loader import load_config
     from pipeline.run_all import run_all
 
     cfg = load_config(config_name, _with_baseline(overrides, baseline))
-    with named_os_errors(f"cache.path={cfg.cache.path} or train.output_dir={cfg.train.output_dir}"):
+    log = run_log_path(cfg, "run-all")
+    with named_os_errors(f"cache.path={cfg.cache.path} or train.output_dir={cfg.train.output_dir}"), \
+            library_output_to_log(log, "run-all", verbose, echo=click.echo):
         run_all(cfg, workers=workers, overwrite=overwrite, resume=resume, progress=progress, echo=click.echo)
 
 
@@ -160,15 +181,18 @@ def _parse_steps(_ctx, _param, value: str | None) -> list[int] | None:
               help="Checkpoint steps to evaluate, e.g. 200,400 (default: eval.steps, else every kept checkpoint).")
 @click.option("--baseline", type=click.Choice(["none", "sft"]), default=None,
               help="sft: include the CE-only baseline run (<output_dir>-sft) in the report.")
+@verbose_option
 @click.argument("overrides", nargs=-1)
 def eval_command(config_name: str, run_dir: str | None, steps: list[int] | None, baseline: str | None,
-                 overrides: tuple[str, ...]) -> None:
+                 verbose: bool, overrides: tuple[str, ...]) -> None:
     """Evaluate the teacher (with and without shots), the untrained student and trained checkpoints."""
     from pipeline.config_loader import load_config
     from stages.evaluate import evaluate
 
     cfg = load_config(config_name, _with_baseline(overrides, baseline))
-    with named_os_errors(f"the run directory {run_dir or cfg.train.output_dir}"):
+    log = run_log_path(cfg, "eval")
+    with named_os_errors(f"the run directory {run_dir or cfg.train.output_dir}"), \
+            library_output_to_log(log, "eval", verbose, echo=click.echo):
         evaluate(cfg, run_dir=run_dir, steps=steps, echo=click.echo)
 
 

@@ -296,6 +296,20 @@ def _run_in_process(plan: StageOnePlan, pending: list[int], stats: RunStats, bar
         _WORKER_BACKENDS.clear()
 
 
+def engine_threads(backend: str, workers: int, cpus: int | None = None) -> int:
+    """OpenMP threads per worker engine.
+
+    hf: the machine's cores shared among the workers (torch's GEMMs scale with them). vllm: one — vLLM's CPU
+    runner sets its torch threads to 1 for serving unless OMP_NUM_THREADS says otherwise, and with more it
+    warns of spin-wait contention; measured on scale.yaml (2 cores, 64 samples, K=64, two interleaved rounds)
+    one thread per engine scored 1.02x and 1.16x the teacher tokens/s of two, so more cores are used as more
+    workers (``--workers``), not more threads.
+    """
+    if backend == "vllm":
+        return 1
+    return max(1, (cpus or os.cpu_count() or 1) // workers)
+
+
 def _run_on_dask(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, started: float,
                  workers: int, scheduler: str | None) -> None:
     import dask
@@ -304,7 +318,7 @@ def _run_on_dask(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, s
     num_gpus = _visible_gpu_count() if scheduler is None else 0
     # Workers slow to exit after the last shard are killed at close; that is expected, not worth a warning.
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    threads = str(engine_threads(plan.cfg.teacher.backend, workers))
     # vLLM starts its own processes; dask's daemonic workers may not have children. Dask pins OMP/MKL to one
     # thread before spawning workers (a plain `env=` is applied too late for OpenMP): share the cores instead.
     with dask.config.set({"distributed.worker.daemon": False,

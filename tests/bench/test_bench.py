@@ -14,7 +14,9 @@ from bench.workspace import BenchSettings
 
 TINY = dict(overrides=("train.batch_size=8",), backends=("hf",), shots=(0, 2), stage_one_samples=8,
             cache_samples=40, cache_size_samples=16, top_ks=(4, 8), steps=2, warmup_steps=1, repeats=2,
-            loader_batches=2, isolate=False, note="tiny test run")
+            loader_batches=2, isolate=False, note="tiny test run",
+            extra={"sample_counts": (4, 8), "context_shots": (0, 2), "context_samples": 4, "top_ks": (4, 8),
+                   "sequence_lengths": (32, 64), "documents": 1, "scaling_steps": 1})
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +82,26 @@ def test_repeats_and_conditions_recorded(tiny_results):
                                       / by_encoding["plain"][k]["bytes_per_kept_entry"])
 
 
+def test_scaling_tables_and_plots(tiny_results):
+    from pathlib import Path
+
+    scaling = tiny_results["scaling"]["results"]
+    assert [r["num_samples"] for r in scaling["stage_one_vs_samples"]] == [4, 8]
+    context = scaling["stage_one_vs_context"]
+    assert [r["num_fewshot"] for r in context] == [0, 2]
+    assert context[1]["teacher_tokens_per_sample"] > context[0]["teacher_tokens_per_sample"]  # shots add context
+    assert [(r["top_k"], r["condition"]) for r in scaling["stage_two_vs_top_k"]] == [(4, "kd"), (8, "kd"), (None, "ce")]
+    assert [(r["sequence_length"], r["condition"]) for r in scaling["stage_two_vs_sequence_length"]] == [
+        (32, "kd"), (32, "ce"), (64, "kd"), (64, "ce")]
+    bytes_rows = scaling["bytes_vs_top_k"]
+    assert bytes_rows[1]["bytes_per_token"] > bytes_rows[0]["bytes_per_token"]  # more entries, more bytes
+    assert len(scaling["plots"]) == 5 and all(Path(p).stat().st_size > 1000 for p in scaling["plots"])
+
+
 def test_markdown_table_has_every_section(tiny_results):
     table = markdown_table(tiny_results)
-    for heading in ("| stage one:", "| stage two:", "| cache: K", "| loader |", "online GKD (TRL"):
+    for heading in ("| stage one:", "| stage two:", "| cache: K", "| loader |", "online GKD (TRL",
+                    "| stage two vs top k:", "| bytes vs top k:"):
         assert heading in table
     assert "| hf, 2-shot |" in table and "| 8 | compact |" in table
 

@@ -178,3 +178,11 @@ def test_existing_dask_scheduler(tmp_path, tiny_hf_cache):
         summary = cache_teacher(cfg, scheduler=cluster.scheduler_address, progress=False, echo=lambda *_: None)
     assert summary["parts_scored"] == 3
     assert_caches_equal(tiny_hf_cache.cache.path, cfg.cache.path)
+
+
+def test_engine_threads_share_cores_for_hf_and_give_vllm_one():
+    from stages.cache_teacher import engine_threads
+
+    assert [engine_threads("hf", workers, cpus=8) for workers in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    # vLLM's CPU runner would warn of spin-wait contention with more; cores go to more workers instead
+    assert [engine_threads("vllm", workers, cpus=8) for workers in (1, 4)] == [1, 1]
