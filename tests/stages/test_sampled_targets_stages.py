@@ -10,6 +10,7 @@ import torch
 
 from cache_schema import open_cache, validate_cache
 from kd.errors import UserError
+from pipeline.inspect import cache_summary, format_summary
 from stages.cache_teacher import cache_teacher
 from stages.train_student import train_student
 from tests.helpers.stage_helpers import tiny_config
@@ -45,6 +46,11 @@ def test_stage_one_stores_reproducible_unbiased_draws(sampled_cache, tmp_path):
     drawn = np.take_along_axis(probs.numpy(), sample["sampled_ids"], axis=1)
     assert np.all(drawn[sample["sampled_counts"] > 0] > 0)  # only tokens the teacher gives mass
     assert np.all(sample["sampled_counts"].sum(1) == 16) and sample["topk_ids"].shape[1] == 0
+    summary = cache_summary(sampled_cache.cache.path)
+    unique = summary["sampled"]["unique_mean"]
+    assert summary["targets"] == "sampled" and 1 <= unique < 16 and summary["bytes_per_kept_entry"] is None
+    text = format_summary(summary)
+    assert "sampled targets  S=16 draws at τ=2" in text and f"mean {unique:.1f}" in text
     again = tiny_config(tmp_path, *SAMPLED, "data.max_samples=8")  # same seed, ids and positions: same draws
     cache_teacher(again, workers=0, progress=False, echo=_quiet)
     np.testing.assert_array_equal(open_cache(again.cache.path)[0]["sampled_ids"], sample["sampled_ids"])
