@@ -1,5 +1,5 @@
-"""Cache size by K and top-K encoding: bytes on disk per distilled token and per kept (id, logprob) entry, and
-the kept mass.
+"""Cache size by target mode, K and top-K encoding: bytes on disk per distilled token and per kept (id, logprob)
+entry, and the kept mass; for sampled targets (S draws per position) the unique ids per position.
 
 One hf-scored cache per K in settings.top_ks and per encoding (``plain``, ``compact``) over the same samples
 (the config's prompts and ``cache.logprob_dtype``). Sizes are deterministic for given inputs, so there are no repeats; the cache build
@@ -18,6 +18,7 @@ from bench.records import BenchResult, ratio
 from bench.workspace import BenchSettings, bench_config, config_record
 from cache_schema import ENCODINGS
 from cache_schema.encoding import COMPACT_ARRAYS, PLAIN_ARRAYS
+from cache_schema.sampled import SAMPLED_ARRAYS
 
 TOPK_ARRAYS = PLAIN_ARRAYS + COMPACT_ARRAYS  # whichever the cache's encoding stores
 
@@ -62,6 +63,25 @@ def measure_top_k(settings: BenchSettings, top_k: int, encoding: str = "plain") 
             "bytes_by_array": arrays, "kept_mass": stats["kept_mass"], "build_seconds": round(build_seconds, 2)}
 
 
+def measure_sampled(settings: BenchSettings, draws: int) -> dict[str, Any]:
+    """A sampled-only cache (S = ``draws`` per position at train.temperature) over the same samples."""
+    from cache_schema import cache_stats, open_cache
+    from stages.cache_teacher import cache_teacher
+
+    path = str(Path(settings.work_dir) / "cache_size" / f"sampled-s{draws}")
+    cfg = bench_config(settings, "teacher.backend=hf", "cache.targets=sampled", f"cache.samples_per_position={draws}",
+                       "train.kd_targets=sampled", f"cache.path={path}", f"data.max_samples={settings.cache_size_samples}")
+    cache_teacher(cfg, workers=0, overwrite=True, progress=False, echo=lambda *_: None)
+    stats = cache_stats(open_cache(path))
+    arrays = bytes_by_array(path)
+    positions = stats["distilled_positions"]
+    return {"samples_per_position": draws, "samples": stats["samples"], "distilled_positions": positions,
+            "bytes_on_disk": sum(arrays.values()), "bytes_per_distilled_token": sum(arrays.values()) / positions,
+            "sampled_bytes_per_distilled_token": sum(arrays.get(n, 0) for n in SAMPLED_ARRAYS) / positions,
+            "unique_per_position": {k: stats["sampled"][k] for k in ("unique_mean", "unique_p50", "unique_p95")},
+            "bytes_by_array": arrays}
+
+
 def run_cache_size(settings: BenchSettings) -> BenchResult:
     started = time.perf_counter()
     cfg = bench_config(settings, "teacher.backend=hf")
@@ -75,6 +95,8 @@ def run_cache_size(settings: BenchSettings) -> BenchResult:
                "compact_over_plain": "compact / plain bytes per kept entry, per K",
                "bytes_per_kept_entry_all_arrays": "bytes on disk per kept entry, everything included",
                "bytes_by_array": "bytes on disk by array name, summed over parts",
+               "sampled": "sampled-only caches by S: bytes per distilled token (all arrays; the sampled arrays "
+                          "alone) and unique ids per position (mean, p50, p95)",
                "kept_mass": "Σ_k exp(topk logprob) per distilled position: min, percentiles, max, mean",
                "build_seconds": "seconds to build the cache with the hf backend (information only)"},
         notes=["Sizes are deterministic for given inputs: measured once per K (no repeats).",
@@ -82,6 +104,7 @@ def run_cache_size(settings: BenchSettings) -> BenchResult:
                "int32 id + fp16 logprob would be 6 bytes per entry."])
     result.results = {encoding: {str(k): measure_top_k(settings, k, encoding) for k in settings.top_ks}
                       for encoding in ENCODINGS}
+    result.results["sampled"] = {str(s): measure_sampled(settings, s) for s in settings.extra.get("draws", (32,))}
     result.results["compact_over_plain"] = {
         k: ratio(result.results["compact"][k]["bytes_per_kept_entry"], row["bytes_per_kept_entry"])
         for k, row in result.results["plain"].items()}
