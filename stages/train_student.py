@@ -386,6 +386,8 @@ def validate(plan: StageTwoPlan) -> dict[str, float]:
                "positions": float(sums[3])}
     if module.relation_layer is not None:
         numbers["attention"] = float(sums[4]) / n
+    if plan.cache.top_k == 0:  # a sampled-only cache keeps no top-K: a "kept-mass KL" over no ids means nothing
+        del numbers["kl_kept_mass"]
     return numbers
 
 
@@ -468,7 +470,7 @@ def summarize(plan: StageTwoPlan, result: RunResult, final_paths: dict[str, str]
     """The closing numbers and where everything is."""
     times = result.step_times[1:] or result.step_times  # the first step pays for warm-up (thread, allocator)
     step_time = sum(times) / len(times) if times else None
-    kls = [v["kl_kept_mass"] for v in result.validations]
+    kls = [v["kl_kept_mass"] for v in result.validations if "kl_kept_mass" in v]
     out = plan.output_dir
     return {
         "steps": plan.cfg.train.max_steps, "start_step": plan.start_step, "resumed_from": plan.resumed_from,

@@ -99,3 +99,25 @@ def test_invalid_sampled_samples_and_modes_are_refused(tmp_path):
         write_cache(tmp_path / "b", parts, top_k=8, targets="sampled", samples_per_position=DRAWS)
     with pytest.raises(CacheFormatError, match="unknown targets"):
         cache_targets({"targets": {"mode": "dense"}})
+
+
+def _edit_root(path, **changes):
+    root = zarr.open_group(store=str(path), mode="r+", zarr_format=3)
+    attrs = dict(root.attrs)
+    for key, value in changes.items():
+        attrs.pop(key, None) if value is None else attrs.update({key: value})
+    root.attrs.put(attrs)
+
+
+def test_a_version_3_cache_reads_as_topk(tmp_path):
+    write_cache(tmp_path / "c", make_parts(seed=7, part_sizes=[2]))
+    _edit_root(tmp_path / "c", targets=None, format_version=3)  # what version-3 code wrote
+    cache = open_cache(tmp_path / "c")
+    assert cache.targets == {"mode": "topk"} and cache.sampled_draws == 0 and cache[1]["topk_ids"].shape[1] == 8
+
+
+def test_a_cache_with_an_unknown_targets_mode_is_refused_at_open(tmp_path):
+    write_cache(tmp_path / "c", make_parts(seed=8, part_sizes=[1]))
+    _edit_root(tmp_path / "c", targets={"mode": "dense"})
+    with pytest.raises(CacheFormatError, match="unknown targets .*upgrade cache_schema"):
+        open_cache(tmp_path / "c")
