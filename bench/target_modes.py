@@ -32,7 +32,7 @@ def _arm_config(settings: BenchSettings, arm: str):
                         f"cache.samples_per_position={extra.get('samples', 32)}", *ARMS[arm],
                         f"cache.path={work / arm / 'cache'}", f"train.output_dir={work / arm / 'run'}",
                         f"data.max_samples={extra.get('cache_samples', settings.cache_samples)}",
-                        f"train.max_steps={extra.get('train_steps', settings.steps)}", "train.eval_every=0",
+                        f"train.max_steps={max(1, extra.get('train_steps', settings.steps))}", "train.eval_every=0",
                         "train.save_every=0", "student.save_merged=true", "train.topk_handling=tail",
                         f"train.num_validation_samples={extra.get('held_out', min(32, settings.cache_samples // 5))}")
 
