@@ -52,9 +52,9 @@ def _served_by(server: dict | None) -> str:
 def _sampled_lines(sampled: dict | None) -> list[str]:
     if not sampled:
         return []
-    return [f"sampled targets  S={sampled['samples_per_position']} draws at τ={sampled['temperature']:g}; unique ids "
-            f"per position mean {sampled['unique_mean'] or 0:.1f}, p50 {sampled['unique_p50'] or 0:.0f}, p95 "
-            f"{sampled['unique_p95'] or 0:.0f}; {sampled['bytes_per_position']:.1f} bytes per distilled token"]
+    return [(f"sampled targets  S={sampled['samples_per_position']} draws at τ={sampled['temperature']:g}; unique "
+             f"ids per position mean {sampled['unique_mean'] or 0:.1f}, p50 {sampled['unique_p50'] or 0:.0f}, p95 "
+             f"{sampled['unique_p95'] or 0:.0f}; {sampled['bytes_per_position']:.1f} bytes per distilled token")]
 
 
 def format_summary(s: dict) -> str:

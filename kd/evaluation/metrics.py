@@ -69,7 +69,6 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
         return 0.0
     conf = confidences.double()
     which = (conf * bins).long().clamp_(0, bins - 1)  # [N] bin of each prediction
-    size = torch.bincount(which, minlength=bins).double()
     confidence_sum = torch.bincount(which, weights=conf, minlength=bins)
     correct_sum = torch.bincount(which, weights=correct.double(), minlength=bins)
     return float((confidence_sum - correct_sum).abs().sum() / conf.numel())
