@@ -1,5 +1,5 @@
-"""Cache size by K and top-K encoding: bytes on disk per distilled token and per kept (id, logprob) entry, and
-the kept mass.
+"""Cache size by target mode, K and top-K encoding: bytes on disk per distilled token and per kept (id, logprob)
+entry, and the kept mass; for sampled targets (S draws per position) the unique ids per position.
 
 One hf-scored cache per K in settings.top_ks and per encoding (``plain``, ``compact``) over the same samples
 (the config's prompts and ``cache.logprob_dtype``). Sizes are deterministic for given inputs, so there are no repeats; the cache build
@@ -14,10 +14,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numcodecs import Zstd
+
 from bench.records import BenchResult, ratio
 from bench.workspace import BenchSettings, bench_config, config_record
 from cache_schema import ENCODINGS
 from cache_schema.encoding import COMPACT_ARRAYS, PLAIN_ARRAYS
+from cache_schema.format import SAMPLED_COUNTS, SAMPLED_ID_DELTAS
+from cache_schema.sampled import SAMPLED_ARRAYS
 
 TOPK_ARRAYS = PLAIN_ARRAYS + COMPACT_ARRAYS  # whichever the cache's encoding stores
 
@@ -62,6 +67,41 @@ def measure_top_k(settings: BenchSettings, top_k: int, encoding: str = "plain") 
             "bytes_by_array": arrays, "kept_mass": stats["kept_mass"], "build_seconds": round(build_seconds, 2)}
 
 
+def ragged_layout_bytes(cache) -> int:
+    """What the same sampled targets would take as offsets + flat arrays instead of the [N, S] slot layout: per
+    position its unique count (uint8 [N]), then only the counted slots' id deltas (uint32) and counts (uint8),
+    each zstd 9 in chunks of 2,048 positions' worth — the alternative the format was chosen against."""
+    codec, total = Zstd(level=9), 0
+    for part in cache.parts:
+        deltas, counts = part.arrays[SAMPLED_ID_DELTAS][:], part.arrays[SAMPLED_COUNTS][:]  # [N, S]
+        for start in range(0, len(counts), 2048):
+            block_counts, block_deltas = counts[start:start + 2048], deltas[start:start + 2048]
+            counted = block_counts > 0
+            for array in (counted.sum(axis=1).astype(np.uint8), block_deltas[counted], block_counts[counted]):
+                total += len(codec.encode(np.ascontiguousarray(array)))
+    return total
+
+
+def measure_sampled(settings: BenchSettings, draws: int) -> dict[str, Any]:
+    """A sampled-only cache (S = ``draws`` per position at train.temperature) over the same samples."""
+    from cache_schema import cache_stats, open_cache
+    from stages.cache_teacher import cache_teacher
+
+    path = str(Path(settings.work_dir) / "cache_size" / f"sampled-s{draws}")
+    cfg = bench_config(settings, "teacher.backend=hf", "cache.targets=sampled", f"cache.samples_per_position={draws}",
+                       "train.kd_targets=sampled", f"cache.path={path}", f"data.max_samples={settings.cache_size_samples}")
+    cache_teacher(cfg, workers=0, overwrite=True, progress=False, echo=lambda *_: None)
+    stats = cache_stats(open_cache(path))
+    arrays = bytes_by_array(path)
+    positions = stats["distilled_positions"]
+    return {"samples_per_position": draws, "samples": stats["samples"], "distilled_positions": positions,
+            "bytes_on_disk": sum(arrays.values()), "bytes_per_distilled_token": sum(arrays.values()) / positions,
+            "sampled_bytes_per_distilled_token": sum(arrays.get(n, 0) for n in SAMPLED_ARRAYS) / positions,
+            "unique_per_position": {k: stats["sampled"][k] for k in ("unique_mean", "unique_p50", "unique_p95")},
+            "ragged_layout_sampled_bytes_per_distilled_token": ragged_layout_bytes(open_cache(path)) / positions,
+            "bytes_by_array": arrays}
+
+
 def run_cache_size(settings: BenchSettings) -> BenchResult:
     started = time.perf_counter()
     cfg = bench_config(settings, "teacher.backend=hf")
@@ -75,6 +115,9 @@ def run_cache_size(settings: BenchSettings) -> BenchResult:
                "compact_over_plain": "compact / plain bytes per kept entry, per K",
                "bytes_per_kept_entry_all_arrays": "bytes on disk per kept entry, everything included",
                "bytes_by_array": "bytes on disk by array name, summed over parts",
+               "sampled": ("sampled-only caches by S: bytes per distilled token (all arrays; the sampled arrays "
+                           "alone; the sampled targets in a ragged offsets + flat layout, zstd 9, for comparison) "
+                           "and unique ids per position (mean, p50, p95)"),
                "kept_mass": "Σ_k exp(topk logprob) per distilled position: min, percentiles, max, mean",
                "build_seconds": "seconds to build the cache with the hf backend (information only)"},
         notes=["Sizes are deterministic for given inputs: measured once per K (no repeats).",
@@ -82,6 +125,7 @@ def run_cache_size(settings: BenchSettings) -> BenchResult:
                "int32 id + fp16 logprob would be 6 bytes per entry."])
     result.results = {encoding: {str(k): measure_top_k(settings, k, encoding) for k in settings.top_ks}
                       for encoding in ENCODINGS}
+    result.results["sampled"] = {str(s): measure_sampled(settings, s) for s in settings.extra.get("draws", (32,))}
     result.results["compact_over_plain"] = {
         k: ratio(result.results["compact"][k]["bytes_per_kept_entry"], row["bytes_per_kept_entry"])
         for k, row in result.results["plain"].items()}

@@ -19,7 +19,7 @@ import click
 
 from bench.workspace import BenchSettings
 
-BENCHMARKS = ("cache_size", "stage_one", "stage_two", "online_gkd", "loader", "scaling")
+BENCHMARKS = ("cache_size", "stage_one", "stage_two", "online_gkd", "loader", "scaling", "target_modes")
 
 
 def _runner(name: str) -> Callable:

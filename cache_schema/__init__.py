@@ -21,12 +21,14 @@ from cache_schema.integrity import CacheDamagedError
 from cache_schema.lock import CacheLockedError
 from cache_schema.overwrite import check_overwritable
 from cache_schema.reader import KDCache, open_cache
+from cache_schema.sampled import TARGET_MODES, targets_meta
 from cache_schema.writer import CacheWriter, identity_differences, write_part
 
 __all__ = [
     "ENCODINGS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "TARGET_MODES",
     "CacheDamagedError",
     "CacheError",
     "CacheFormatError",
@@ -46,6 +48,7 @@ __all__ = [
     "peek_cache_state",
     "read_part_commit",
     "samples_fingerprint",
+    "targets_meta",
     "tokenizer_fingerprint",
     "validate_cache",
     "write_part",

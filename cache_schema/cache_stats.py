@@ -8,6 +8,7 @@ import numpy as np
 
 from cache_schema import format as fmt
 from cache_schema.encoding import topk_array_names
+from cache_schema.sampled import SAMPLED_ARRAYS
 
 if TYPE_CHECKING:
     from cache_schema.reader import KDCache
@@ -64,11 +65,36 @@ def per_source(cache: "KDCache") -> dict[str, dict[str, int]] | None:
     return table
 
 
+def _array_bytes(cache: "KDCache", names: tuple[str, ...]) -> int:
+    """Bytes on disk of the named arrays of every part (their chunks and zarr.json)."""
+    return sum(f.stat().st_size for part in cache.parts for name in names
+               for f in (cache.path / fmt.part_path(part.part_id) / name).rglob("*") if f.is_file())
+
+
 def _topk_bytes(cache: "KDCache") -> int:
     """Bytes on disk of the arrays that hold the top-K rows (ids + logprobs, whatever the encoding)."""
-    topk = topk_array_names(cache.dtypes.topk_encoding)
-    return sum(f.stat().st_size for part in cache.parts for name in topk
-               for f in (cache.path / fmt.part_path(part.part_id) / name).rglob("*") if f.is_file())
+    return _array_bytes(cache, topk_array_names(cache.dtypes.topk_encoding))
+
+
+def unique_sampled_per_position(cache: "KDCache") -> np.ndarray:
+    """[N] the number of unique sampled ids at every distilled position (0 rows for a cache without them)."""
+    counts = [part.arrays[fmt.SAMPLED_COUNTS][start : start + _STATS_BLOCK_ROWS] > 0
+              for part in cache.parts if cache.sampled_draws
+              for start in range(0, part.arrays[fmt.LABEL_LOGPROBS].shape[0], _STATS_BLOCK_ROWS)]
+    return np.concatenate([c.sum(axis=1) for c in counts]) if counts else np.zeros(0, np.int64)
+
+
+def sampled_stats(cache: "KDCache") -> dict[str, Any] | None:
+    """S, the sampling τ, unique ids per position (mean, p50, p95) and the sampled arrays' bytes per position."""
+    if not cache.sampled_draws:
+        return None
+    unique = unique_sampled_per_position(cache)
+    positions = max(cache.num_label_positions, 1)
+    return {"samples_per_position": cache.sampled_draws, "temperature": cache.targets["temperature"],
+            "unique_mean": float(unique.mean()) if unique.size else None,
+            "unique_p50": float(np.percentile(unique, 50)) if unique.size else None,
+            "unique_p95": float(np.percentile(unique, 95)) if unique.size else None,
+            "bytes_per_position": _array_bytes(cache, SAMPLED_ARRAYS) / positions}
 
 
 def cache_stats(cache: "KDCache") -> dict[str, Any]:
@@ -85,7 +111,10 @@ def cache_stats(cache: "KDCache") -> dict[str, Any]:
         "vocab_size": cache.vocab_size,
         "logprob_dtype": cache.meta["logprob_dtype"],
         "encoding": cache.dtypes.topk_encoding["name"],
-        "bytes_per_kept_entry": _topk_bytes(cache) / (positions * cache.top_k) if positions else None,
+        "targets": cache.targets["mode"],
+        "bytes_per_kept_entry": _topk_bytes(cache) / (positions * cache.top_k) if positions and cache.top_k
+        else None,
+        "sampled": sampled_stats(cache),
         "has_relations": cache.has_relations,
         "bytes_on_disk": bytes_on_disk,
         "bytes_per_position": bytes_on_disk / positions if positions else None,

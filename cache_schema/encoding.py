@@ -55,11 +55,7 @@ def encoding_meta(name: str) -> dict[str, Any]:
 
 def cache_encoding(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The encoding record of a cache (``plain`` for versions 1-2); CacheFormatError for one this code lacks."""
-    record = meta.get(fmt.ENCODING_META_KEY) or {"name": "plain"}
-    if not isinstance(record, Mapping) or record.get("name") not in ENCODINGS:
-        raise fmt.CacheFormatError(f"unknown top-K encoding {record!r}; this code reads {list(ENCODINGS)} "
-                                   "(upgrade cache_schema)")
-    return dict(record)
+    return fmt.root_record(dict(meta), fmt.ENCODING_META_KEY, "name", ENCODINGS, "plain", "top-K encoding")
 
 
 def topk_array_names(encoding: Mapping[str, Any]) -> tuple[str, ...]:
@@ -68,8 +64,8 @@ def topk_array_names(encoding: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def compressors_for(name: str) -> Any:
-    """The zarr compressor of one array: zstd, at a higher level for the compact top-K rows."""
-    if name in (fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES):
+    """The zarr compressor of one array: zstd, at a higher level for the compact top-K rows and sampled targets."""
+    if name in (fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES, fmt.SAMPLED_ID_DELTAS, fmt.SAMPLED_COUNTS):
         return ZstdCodec(level=COMPACT_ZSTD_LEVEL)
     return ZstdCodec(level=fmt.ZSTD_LEVEL)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 FORMAT_NAME = "kd-topk-cache"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Version history: 1 = no per-sample source; 2 = optional root `sources` + per-part `source_index`;
 # 3 = root `temperatures` + per-part `log_normalizers` for the temperatures other than 1; root `encoding`
-#     (`plain` top-K arrays, or `compact`: sorted id deltas + 8-bit logprob codes) (README).
+#     (`plain` top-K arrays, or `compact`: sorted id deltas + 8-bit logprob codes) (README);
+# 4 = root `targets` (`topk` | `sampled` | `both`) + per-part sampled_id_deltas / sampled_counts (sampled.py).
 
 # Root group layout: attributes hold the metadata, `parts/<part_id>` holds one sub-group per part.
 PARTS_GROUP = "parts"
@@ -36,6 +37,7 @@ WRITER_KEYS = (
     "relations",
     "temperatures",
     "encoding",
+    "targets",
     "index",
 )
 REQUIRED_META_KEYS = ("fingerprints", "logprob_mode", "config")
@@ -68,6 +70,9 @@ SOURCE_INDEX = "source_index"  # int32 [S]: index into the root metadata's `sour
 # the root `temperatures` other than 1 (version 3; absent when M = 0). The tempered top-K logprobs are
 # topk_logprobs / τ_m − log_normalizers[:, m], and the tempered tail mass is one minus their exp-sum: exact.
 LOG_NORMALIZERS = "log_normalizers"
+# Sampled targets (version 4, cache_schema/sampled.py): S slots per position, unique ids first, then padding.
+SAMPLED_ID_DELTAS = "sampled_id_deltas"  # uint32 [N, S]: counted ids ascending as differences, padding 0
+SAMPLED_COUNTS = "sampled_counts"  # uint8 [N, S]: draws of each counted id (sum S per row), padding 0
 
 OFFSET_ARRAYS = (SAMPLE_ID_OFFSETS, TOKEN_OFFSETS, TEACHER_TOKEN_OFFSETS, LABEL_OFFSETS)
 RELATION_KINDS = ("qq", "kk", "vv")
@@ -89,6 +94,9 @@ SOURCES_META_KEY = "sources"  # root metadata: list of source names, or absent/n
 LOG_NORMALIZERS_KEY = "log_normalizers"  # a sample's [n, M] normalizers, present exactly when M > 0
 ENCODING_META_KEY = "encoding"  # root metadata (version 3): {"name": "plain" | "compact", ...its parameters}
 TEMPERATURES_META_KEY = "temperatures"  # root metadata (version 3): the τ the cache can temper exactly, 1.0 first
+TARGETS_META_KEY = "targets"  # root metadata (version 4): {"mode": "topk" | "sampled" | "both", S, τ, ...}
+SAMPLED_IDS_KEY = "sampled_ids"  # a sample's [n, S] int64 sampled ids, present exactly with sampled targets
+SAMPLED_COUNTS_KEY = "sampled_counts"  # a sample's [n, S] int64 counts
 
 OFFSET_DTYPE = np.dtype("int64")
 POSITION_DTYPE = np.dtype("int32")
@@ -131,6 +139,15 @@ class CacheValidationError(CacheError):
 
 class CacheMismatchError(CacheError):
     """An existing cache was made from other inputs (fingerprints, top_k, layout) than requested."""
+
+
+def root_record(meta: dict, key: str, field: str, allowed: tuple[str, ...], default: str, what: str) -> dict:
+    """The root metadata record ``meta[key]`` (``{field: default}`` when absent), refused (CacheFormatError) when
+    its ``field`` is not one of ``allowed``: a cache written by newer code this version cannot read."""
+    record = meta.get(key) or {field: default}
+    if not isinstance(record, dict) or record.get(field) not in allowed:
+        raise CacheFormatError(f"unknown {what} {record!r}; this code reads {list(allowed)} (upgrade cache_schema)")
+    return dict(record)
 
 
 def cache_temperatures(meta: dict) -> tuple[float, ...]:

@@ -4,7 +4,8 @@ symmetric), plus the part checksum recorded in the commit record.
 A part with S samples, N distilled positions in total and top-K width K stores (see format.py for names):
   *_offsets [S+1] (int64, CSR) and flat arrays: input_ids [ΣT], teacher_input_ids [ΣTt], label_positions,
   teacher_positions, label_logprobs [N], topk_ids, topk_logprobs [N, K], sample_id_bytes [Σ bytes] and,
-  with relations, relations [Σ 3·A_r·n²]; with M temperatures other than 1 (version 3), log_normalizers [N, M].
+  with relations, relations [Σ 3·A_r·n²]; with M temperatures other than 1 (version 3), log_normalizers [N, M];
+  with S sampled draws per position (version 4), sampled_id_deltas / sampled_counts [N, S].
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from cache_schema import format as fmt
 from cache_schema.encoding import cache_encoding, encode_rows, topk_array_names
+from cache_schema.sampled import SAMPLED_ARRAYS, cache_targets, encode_sampled, sampled_draws
 
 _ID_BYTES_CHUNK = 1 << 20
 
@@ -38,6 +40,13 @@ class StorageDtypes:
     """The cache's temperatures other than 1 (one ``log_normalizers`` column each); () means no such array."""
     encoding: dict[str, Any] | None = None
     """The cache's top-K encoding record (cache_schema/encoding.py); None means ``plain``."""
+    targets: dict[str, Any] | None = None
+    """The cache's targets record (cache_schema/sampled.py); None means ``topk``."""
+
+    @property
+    def sampled_draws(self) -> int:
+        """S, the draws per position of the sampled targets; 0 when the cache stores none."""
+        return sampled_draws(self.targets)
 
     @property
     def topk_encoding(self) -> dict[str, Any]:
@@ -46,10 +55,10 @@ class StorageDtypes:
     def array_names(self) -> tuple[str, ...]:
         """Every array a part of this cache has, in the fixed write / checksum order."""
         return array_order(self.relations is not None, self.sources is not None, bool(self.tempered),
-                           topk_array_names(self.topk_encoding))
+                           topk_array_names(self.topk_encoding)) + (SAMPLED_ARRAYS if self.sampled_draws else ())
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> "StorageDtypes":
+    def from_meta(cls, meta: Mapping[str, Any]) -> StorageDtypes:
         relations = meta.get("relations")
         return cls(
             ids=np.dtype(meta["id_dtype"]),
@@ -61,6 +70,7 @@ class StorageDtypes:
             sources=tuple(meta[fmt.SOURCES_META_KEY]) if meta.get(fmt.SOURCES_META_KEY) else None,
             tempered=fmt.tempered_temperatures(meta),
             encoding=cache_encoding(meta),
+            targets=cache_targets(meta),
         )
 
 
@@ -89,8 +99,9 @@ def chunk_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Chunk shape of an array: offsets in one chunk (read whole at open), flat axes in fixed-size chunks."""
     if name in fmt.OFFSET_ARRAYS or name in (fmt.RELATION_OFFSETS, fmt.SOURCE_INDEX):
         return (max(1, shape[0]),)
-    if name in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.LOG_NORMALIZERS, fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES):
-        return (fmt.LABEL_CHUNK, shape[1])
+    if name in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.LOG_NORMALIZERS, fmt.TOPK_ID_DELTAS, fmt.TOPK_LOGPROB_CODES,
+                fmt.SAMPLED_ID_DELTAS, fmt.SAMPLED_COUNTS):
+        return (fmt.LABEL_CHUNK, max(1, shape[1]))  # K = 0 in a sampled-only cache
     if name == fmt.TOPK_TOP_LOGPROBS:
         return (fmt.LABEL_CHUNK,)
     if name == fmt.SAMPLE_ID_BYTES:
@@ -107,8 +118,8 @@ def _offsets(lengths: Sequence[int]) -> np.ndarray:
 
 
 def _concat(arrays: Sequence[np.ndarray], dtype: np.dtype, tail_shape: tuple[int, ...] = ()) -> np.ndarray:
-    if not arrays:
-        return np.zeros((0,) + tail_shape, dtype=dtype)
+    if not arrays or 0 in tail_shape:  # [n, 0] rows (a sampled-only cache's top-K) cannot reshape to (-1, 0)
+        return np.zeros((sum(len(a) for a in arrays),) + tail_shape, dtype=dtype)
     with np.errstate(over="ignore"):  # float16 overflow becomes inf here; the writer checks and refuses it
         return np.concatenate([np.asarray(a, dtype=dtype) for a in arrays]).reshape((-1,) + tail_shape)
 
@@ -138,6 +149,10 @@ def pack_samples(samples: Sequence[Mapping[str, Any]], dtypes: StorageDtypes, to
     if dtypes.tempered:
         packed[fmt.LOG_NORMALIZERS] = _concat([s[fmt.LOG_NORMALIZERS_KEY] for s in samples], fmt.LOG_NORMALIZER_DTYPE,
                                               (len(dtypes.tempered),))
+    if dtypes.sampled_draws:
+        draws = dtypes.sampled_draws
+        packed.update(encode_sampled(_concat([s[fmt.SAMPLED_IDS_KEY] for s in samples], np.int64, (draws,)),
+                                     _concat([s[fmt.SAMPLED_COUNTS_KEY] for s in samples], np.int64, (draws,))))
     if dtypes.sources is not None:
         position = {name: i for i, name in enumerate(dtypes.sources)}
         packed[fmt.SOURCE_INDEX] = np.asarray([position[s[fmt.SOURCE_KEY]] for s in samples],
@@ -156,7 +171,7 @@ def part_checksum(arrays: Mapping[str, Any], names: Sequence[str], block_rows: i
     for name in names:
         array = arrays[name]
         little = np.dtype(array.dtype).newbyteorder("<")
-        digest.update(f"{name}:{little.str}:{tuple(array.shape)};".encode("utf-8"))
+        digest.update(f"{name}:{little.str}:{tuple(array.shape)};".encode())
         for start in range(0, array.shape[0], block_rows):
             digest.update(np.ascontiguousarray(array[start : start + block_rows], dtype=little).tobytes())
     return digest.hexdigest()
@@ -207,6 +222,9 @@ def split_block(
                                                 s).astype(np.int64)
         if fmt.TEACHER_POSITIONS in block:
             sample["teacher_positions"] = block[fmt.TEACHER_POSITIONS][labels[0] : labels[1]].astype(np.int64)
+        if fmt.SAMPLED_IDS_KEY in block:  # decoded by the reader from sampled_id_deltas
+            sample[fmt.SAMPLED_IDS_KEY] = block[fmt.SAMPLED_IDS_KEY][labels[0] : labels[1]]
+            sample[fmt.SAMPLED_COUNTS_KEY] = block[fmt.SAMPLED_COUNTS_KEY][labels[0] : labels[1]]
         if fmt.LOG_NORMALIZERS in block:
             sample[fmt.LOG_NORMALIZERS_KEY] = block[fmt.LOG_NORMALIZERS][labels[0] : labels[1]].astype(np.float32)
         if offsets.relations is not None:

@@ -28,6 +28,7 @@ from cache_schema.cache_state import peek_cache_state, read_part_commit
 from cache_schema.encoding import decode_rows, topk_array_names
 from cache_schema.integrity import REPAIR_HINT, CacheDamagedError, missing_files, part_store
 from cache_schema.part_layout import PartOffsets, StorageDtypes, decode_sample_ids, split_block
+from cache_schema.sampled import SAMPLED_ARRAYS, decode_sampled
 
 _ITER_BLOCK = 256  # samples per read when iterating: amortizes chunk decoding across neighbours
 SKIPPABLE_KEYS = (fmt.TEACHER_INPUT_IDS, fmt.TEACHER_POSITIONS)
@@ -45,6 +46,8 @@ _FLAT_BY_OFFSETS = {
     fmt.TOPK_TOP_LOGPROBS: "labels",
     fmt.RELATIONS: "relations",
     fmt.LOG_NORMALIZERS: "labels",
+    fmt.SAMPLED_ID_DELTAS: "labels",
+    fmt.SAMPLED_COUNTS: "labels",
 }
 
 
@@ -95,8 +98,11 @@ class PartView:
         return dict(zip(slices, _run_on_zarr_loop(read_all()), strict=True))
 
     def _decoded(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if fmt.SAMPLED_ID_DELTAS in block:  # the sampled arrays hold the sample keys sampled_ids / sampled_counts
+            ids, counts = decode_sampled(block, self.dtypes.sampled_draws, self.vocab_size, f"part {self.part_id}")
+            block = {**block, fmt.SAMPLED_IDS_KEY: ids, fmt.SAMPLED_COUNTS_KEY: counts}
         encoding = self.topk_encoding
-        if encoding["name"] == "plain":
+        if encoding["name"] == "plain" or fmt.TOPK_ID_DELTAS not in block:
             return block
         ids, logprobs = decode_rows(block, encoding, self.vocab_size, f"part {self.part_id}")
         return {**block, fmt.TOPK_IDS: ids, fmt.TOPK_LOGPROBS: logprobs}
@@ -165,6 +171,7 @@ def _open_part(path: Path, part_id: int, entry: dict[str, Any], dtypes: StorageD
         fmt.TEACHER_POSITIONS: entry["num_label_positions"],
         fmt.LABEL_LOGPROBS: entry["num_label_positions"],
         **{name: entry["num_label_positions"] for name in topk_array_names(dtypes.topk_encoding)},
+        **({name: entry["num_label_positions"] for name in SAMPLED_ARRAYS} if dtypes.sampled_draws else {}),
     }
     if has_relations:
         expected_lengths[fmt.RELATIONS] = entry["num_relation_values"]
@@ -192,7 +199,7 @@ def _open_part(path: Path, part_id: int, entry: dict[str, Any], dtypes: StorageD
     return PartView(part_id, arrays, offsets, sample_ids, commit, part_sources, dtypes, vocab_size)
 
 
-def open_cache(path: str | os.PathLike) -> "KDCache":
+def open_cache(path: str | os.PathLike) -> KDCache:
     """Open a complete cache for reading. Raises CacheFormatError / IncompleteCacheError (ValueErrors)."""
     root = Path(path)
     meta = _check_header(root)
@@ -215,7 +222,8 @@ class KDCache:
     `cache[i]` is a dict with sample_id (str), input_ids [T], teacher_input_ids [Tt], label_positions [n],
     teacher_positions [n] (int64), topk_ids [n, K] (int64), topk_logprobs [n, K], label_logprobs [n]
     (float32), when `has_relations`, relations [3, A_r, n, n] (float32), when `has_sources`, source (str), and
-    when the cache has temperatures other than 1 (`tempered_temperatures`), log_normalizers [n, M] (float32).
+    when the cache has temperatures other than 1 (`tempered_temperatures`), log_normalizers [n, M] (float32),
+    and when it has sampled targets (`sampled_draws` S > 0), sampled_ids / sampled_counts [n, S] (int64).
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], parts: list[PartView]) -> None:
@@ -257,6 +265,16 @@ class KDCache:
     def tempered_temperatures(self) -> tuple[float, ...]:
         """The temperatures other than 1, in the order of each sample's ``log_normalizers`` columns."""
         return fmt.tempered_temperatures(self.meta)
+
+    @property
+    def targets(self) -> dict[str, Any]:
+        """The cache's targets record: mode ``topk`` (versions 1-3), ``sampled`` or ``both`` (cache_schema/sampled.py)."""
+        return dict(self.dtypes.targets or {"mode": "topk"})
+
+    @property
+    def sampled_draws(self) -> int:
+        """S, the teacher draws per position of each sample's sampled_ids / sampled_counts; 0 without them."""
+        return self.dtypes.sampled_draws
 
     @property
     def has_sources(self) -> bool:

@@ -23,13 +23,17 @@ from cache_schema.format import (
     RELATION_ROW_SUM_TOLERANCE,
     RELATIONS_KEY,
     SAMPLE_KEYS,
+    SAMPLED_COUNTS_KEY,
+    SAMPLED_IDS_KEY,
     SOURCE_KEY,
     SOURCES_META_KEY,
     CacheValidationError,
     tempered_temperatures,
 )
+from cache_schema.sampled import cache_targets, row_problems, sampled_draws
 
-_INT_KEYS = ("input_ids", "teacher_input_ids", "label_positions", "teacher_positions", "topk_ids")
+_INT_KEYS = ("input_ids", "teacher_input_ids", "label_positions", "teacher_positions", "topk_ids", SAMPLED_IDS_KEY,
+             SAMPLED_COUNTS_KEY)
 _FLOAT_KEYS = ("topk_logprobs", "label_logprobs", RELATIONS_KEY, LOG_NORMALIZERS_KEY)
 
 
@@ -44,6 +48,7 @@ class SampleRules:
     relation_row_tolerance: float = RELATION_ROW_SUM_TOLERANCE["float32"]
     sources: tuple[str, ...] | None = None  # None: the cache records no source, samples must not carry one
     tempered: tuple[float, ...] = ()  # temperatures other than 1: samples carry log_normalizers [n, M] exactly then
+    sampled_draws: int = 0  # S > 0: samples carry sampled_ids / sampled_counts [n, S] (version 4)
 
 
 def rules_from_meta(meta: Mapping[str, Any]) -> SampleRules:
@@ -57,6 +62,7 @@ def rules_from_meta(meta: Mapping[str, Any]) -> SampleRules:
         relation_row_tolerance=RELATION_ROW_SUM_TOLERANCE[relations["dtype"]] if relations else 0.0,
         sources=tuple(meta[SOURCES_META_KEY]) if meta.get(SOURCES_META_KEY) else None,
         tempered=tempered_temperatures(meta),
+        sampled_draws=sampled_draws(cache_targets(meta)),
     )
 
 
@@ -87,11 +93,13 @@ def coerce_sample(sample: Mapping[str, Any], rules: SampleRules) -> dict[str, An
     expected = set(SAMPLE_KEYS) | ({RELATIONS_KEY} if rules.num_relation_heads is not None else set())
     expected |= {SOURCE_KEY} if rules.sources is not None else set()
     expected |= {LOG_NORMALIZERS_KEY} if rules.tempered else set()
+    expected |= {SAMPLED_IDS_KEY, SAMPLED_COUNTS_KEY} if rules.sampled_draws else set()
     missing, unknown = sorted(expected - set(sample)), sorted(set(sample) - expected)
     if missing or unknown:
         hint = " (this cache has no relations group)" if RELATIONS_KEY in unknown else ""
         hint += " (this cache records no sources)" if SOURCE_KEY in unknown else ""
         hint += " (this cache has no temperature other than 1)" if LOG_NORMALIZERS_KEY in unknown else ""
+        hint += " (this cache has no sampled targets)" if SAMPLED_IDS_KEY in unknown else ""
         raise CacheValidationError(
             f"sample {sample_id!r}: missing keys {missing}, unexpected keys {unknown}{hint}; "
             f"a sample holds exactly {sorted(expected)}"
@@ -108,6 +116,9 @@ def coerce_sample(sample: Mapping[str, Any], rules: SampleRules) -> dict[str, An
     for name in ("topk_ids", "topk_logprobs"):
         if arrays[name].size == 0 and num_pairs == 0:
             arrays[name] = arrays[name].reshape(0, rules.top_k)
+    for name in (SAMPLED_IDS_KEY, SAMPLED_COUNTS_KEY):
+        if name in arrays and arrays[name].size == 0 and num_pairs == 0:
+            arrays[name] = arrays[name].reshape(0, rules.sampled_draws)
     if LOG_NORMALIZERS_KEY in arrays and arrays[LOG_NORMALIZERS_KEY].size == 0 and num_pairs == 0:
         arrays[LOG_NORMALIZERS_KEY] = arrays[LOG_NORMALIZERS_KEY].reshape(0, len(rules.tempered))
     if RELATIONS_KEY in arrays and arrays[RELATIONS_KEY].size == 0 and num_pairs == 0:
@@ -135,6 +146,9 @@ def _shape_problem(arrays: Mapping[str, Any], rules: SampleRules) -> str | None:
     if LOG_NORMALIZERS_KEY in arrays and arrays[LOG_NORMALIZERS_KEY].shape != (n, len(rules.tempered)):
         return (f"{LOG_NORMALIZERS_KEY} has shape {arrays[LOG_NORMALIZERS_KEY].shape}, expected [n, M] = "
                 f"({n}, {len(rules.tempered)}) (one column per temperature other than 1)")
+    for name in (SAMPLED_IDS_KEY, SAMPLED_COUNTS_KEY):
+        if name in arrays and arrays[name].shape != (n, rules.sampled_draws):
+            return f"{name} has shape {arrays[name].shape}, expected [n, S] = ({n}, {rules.sampled_draws})"
     if RELATIONS_KEY in arrays:
         want = (len(RELATION_KINDS), rules.num_relation_heads, n, n)
         if arrays[RELATIONS_KEY].shape != want:
@@ -253,4 +267,6 @@ def sample_problems(arrays: Mapping[str, Any], rules: SampleRules) -> list[str]:
         + _logprob_problems(arrays, rules)
         + _normalizer_problems(arrays, rules)
         + _relation_problems(arrays, rules)
+        + (row_problems(arrays[SAMPLED_IDS_KEY], arrays[SAMPLED_COUNTS_KEY], rules.sampled_draws, rules.vocab_size)
+           if rules.sampled_draws else [])
     )

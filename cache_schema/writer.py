@@ -29,6 +29,7 @@ from cache_schema.lock import CacheWriteLock
 from cache_schema.overwrite import remove_cache_files
 from cache_schema.part_layout import StorageDtypes, chunk_shape, decode_sample_ids, pack_samples, part_checksum
 from cache_schema.sample_checks import coerce_sample, rules_from_meta, sample_problems
+from cache_schema.sampled import cache_targets, targets_meta
 
 
 def _utc_now() -> str:
@@ -116,12 +117,13 @@ def _identity(meta: Mapping[str, Any]) -> dict[str, Any]:
         "relations.num_relation_heads": relations.get("num_relation_heads"),
         "temperatures": list(fmt.cache_temperatures(meta)),  # (1.0,) for versions 1-2: they stay reusable
         "encoding": cache_encoding(meta)["name"],
+        "targets": cache_targets(meta),  # {"mode": "topk"} for versions 1-3
     }
 
 
 def identity_differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     """Names of what makes two caches different products: fingerprint names, ``top_k``, ``relations.*``,
-    ``temperatures``, ``encoding``.
+    ``temperatures``, ``encoding``, ``targets``.
 
     Empty when a cache with meta ``existing`` can be reused (or resumed) for the request ``wanted``.
     """
@@ -156,7 +158,9 @@ class CacheWriter:
     `relations` [3, A_r, n, n]. `temperatures` (1.0 is always included) other than 1 make every sample carry
     `log_normalizers` [n, M]: log Σ_V p^(1/τ) per temperature, what tempering the tail exactly needs.
     `encoding` (cache_schema/encoding.py): ``plain`` top-K arrays or ``compact`` ones (sorted id deltas, 8-bit
-    logprob codes); samples are given and read back the same way either way.
+    logprob codes); samples are given and read back the same way either way. ``targets`` (cache_schema/sampled.py):
+    ``topk``, ``sampled`` (top_k must be 0; every sample carries sampled_ids / sampled_counts [n, S] with S =
+    ``samples_per_position`` draws at ``sample_temperature``) or ``both``.
     """
 
     def __init__(
@@ -174,11 +178,16 @@ class CacheWriter:
         relations_dtype: str = "float16",
         temperatures: Sequence[float] = (1.0,),
         encoding: str = "plain",
+        targets: str = "topk",
+        samples_per_position: int = 0,
+        sample_temperature: float = 1.0,
     ) -> None:
         if not 1 <= num_parts <= fmt.MAX_PARTS:
             raise fmt.CacheError(f"num_parts must be in [1, {fmt.MAX_PARTS}], got {num_parts}")
-        if top_k < 1:
-            raise fmt.CacheError(f"top_k must be >= 1, got {top_k}")
+        targets_record = targets_meta(targets, samples_per_position, sample_temperature)
+        if (top_k != 0) if targets == "sampled" else top_k < 1:
+            raise fmt.CacheError(f"top_k must be {'0 with targets=sampled' if targets == 'sampled' else '>= 1'}, "
+                                 f"got {top_k}")
         if logprob_dtype not in fmt.LOGPROB_DTYPES:
             raise fmt.CacheError(f"logprob_dtype must be one of {fmt.LOGPROB_DTYPES}, got {logprob_dtype!r}")
         self.path = Path(path)
@@ -202,13 +211,14 @@ class CacheWriter:
             "relations": _check_relations_spec(_relations_from_meta(meta, relations), relations_dtype),
             "temperatures": fmt.normalized_temperatures(temperatures),
             "encoding": encoding_meta(encoding),
+            "targets": targets_record,
         }
         user_meta = {key: value for key, value in meta.items() if key != "relations"}  # merged just above
         _check_user_meta(user_meta, writer_meta)
         _check_sources(user_meta)
         self.meta: dict[str, Any] = {**user_meta, **writer_meta}
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         if peek_cache_state(self.path)[0] == "not_a_cache":
             raise fmt.CacheError(
                 f"{self.path} exists and is not a {fmt.FORMAT_NAME} cache; refusing to write into or delete it "
@@ -265,7 +275,7 @@ class CacheWriter:
             shutil.rmtree(self.path / fmt.part_path(part_id), ignore_errors=True)
         return "incomplete"
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         # finalize is explicit: leaving the block early must not mark the cache complete
         lock, self._lock = getattr(self, "_lock", None), None
         if lock is not None:
@@ -420,7 +430,9 @@ def write_part(path: str | os.PathLike, part_id: int, samples: Sequence[Mapping[
         "num_relation_values": int(packed[fmt.RELATION_OFFSETS][-1]) if has_relations else 0,
         # The largest id a student must embed (its inputs and the teacher's top-K): lets a student whose
         # embedding is padded differently from the teacher's (Qwen 151936 vs 152064 rows) be checked exactly.
-        "max_token_id": max((int(np.max(ids)) for ids in (packed[fmt.INPUT_IDS], *(s["topk_ids"] for s in coerced))
+        "max_token_id": max((int(np.max(ids)) for ids in (packed[fmt.INPUT_IDS], *(s["topk_ids"] for s in coerced),
+                                                                  *(s.get(fmt.SAMPLED_IDS_KEY, s["topk_ids"])
+                                                                    for s in coerced))
                              if ids.size), default=-1),
         "checksum": part_checksum(packed, dtypes.array_names()),
         "committed_at": _utc_now(),

@@ -226,6 +226,13 @@ class CacheConfig:
     position each), so ``train.topk_handling: tail`` tempers the tail exactly at them; 1 is always included.
     null: 1 plus ``train.temperature`` when the backend can (hf sees the full logit row; vLLM's prompt
     logprobs are at τ=1 only). ``renormalize`` is exact at any τ and needs none."""
+    targets: str = "topk"
+    """What is stored per scored position: ``topk`` (the teacher's top-K logprobs), ``sampled`` (Random-Sampling
+    KD: ``samples_per_position`` draws from the teacher at ``train.temperature``, kept as unique ids + counts, an
+    unbiased target; no top-K) or ``both``. Sampling needs the full logit row: ``teacher.backend=hf``."""
+    samples_per_position: int = 32
+    """S, the teacher draws per scored position for sampled targets (1-255; the paper's ~12 unique ids come from a
+    few dozen draws). The unbiased target of a position is count/S."""
 
 
 @dataclass
@@ -262,6 +269,9 @@ class TrainConfig:
     """Multiply the KD term by temperature² (Hinton); TRL and Liger do not."""
     topk_handling: str = "tail"
     """``tail`` (K+1-th bucket with the remaining mass) or ``renormalize`` (both over the top-K ids)."""
+    kd_targets: str = "topk"
+    """Which cached targets the KD term uses: ``topk`` or ``sampled`` (the cache's sampled ids and counts, an
+    unbiased estimate of the teacher's distribution; forward KL only, at the τ the cache sampled at)."""
     eval_every: int = 50
     """Validation every N steps (0: never)."""
     save_every: int = 50

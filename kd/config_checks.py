@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cache_schema import ENCODINGS
 from cache_schema.format import LOGPROB_DTYPES
+from cache_schema.sampled import MAX_SAMPLES_PER_POSITION, TARGET_MODES
 from kd.config import Config, DataConfig, EvalConfig, ServerConfig, TrainConfig
 from kd.data.formats import DATA_FORMATS, DOCUMENT_FORMATS, ON_ERROR_POLICIES
 from kd.data.mixture import MIXTURE_UNITS
@@ -26,10 +27,15 @@ from kd.evaluation.generation import EVAL_BACKENDS
 from kd.student.model import STUDENT_DTYPES
 from kd.student.modes import STUDENT_MODES
 from kd.student.quantized import QAT_ACTIVATIONS, QUANTIZED_EMBEDDING_MODES
-from kd.teacher.factory import EXACT_TEMPERING_BACKENDS, TEACHER_BACKENDS, requested_temperatures
+from kd.teacher.factory import (
+    EXACT_TEMPERING_BACKENDS,
+    SAMPLED_TARGET_BACKENDS,
+    TEACHER_BACKENDS,
+    requested_temperatures,
+)
 from kd.teacher.server_client import SERVER_URL_SCHEMES
 from kd.teacher.types import LOGPROB_MODES, TEACHER_DTYPES
-from kd.training.losses import KD_KINDS, TOPK_HANDLINGS, needs_log_normalizer
+from kd.training.losses import KD_KINDS, KD_TARGETS, SAMPLED_KD_KINDS, TOPK_HANDLINGS, needs_log_normalizer
 from kd.training.optimization import MIXED_PRECISION
 
 
@@ -82,6 +88,7 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     _one_of(c.encoding, ENCODINGS, source, "cache.encoding")
     _validate_train(tr, source)
     _validate_temperatures(cfg, source)
+    _validate_targets(cfg, source)
     _validate_eval(cfg.eval, source)
     # numpy's generators (shot draws, hold-out split, batch order) take only non-negative seeds
     _check(isinstance(cfg.seed, int) and cfg.seed >= 0, source, "seed", f"must be an integer >= 0 (got {cfg.seed!r})")
@@ -174,6 +181,30 @@ def _validate_temperatures(cfg: Config, source: str) -> None:
         _check(False, source, "train.temperature",
                f"train.topk_handling=tail at τ={tau:g} needs the teacher's log-normalizer at τ={tau:g} in the "
                f"cache to temper the tail exactly; {fix}, or set train.topk_handling=renormalize (exact at any τ)")
+
+
+def _validate_targets(cfg: Config, source: str) -> None:
+    """cache.targets / samples_per_position, the backend can sample, and train.kd_targets finds its targets."""
+    c, tr = cfg.cache, cfg.train
+    _one_of(c.targets, TARGET_MODES, source, "cache.targets")
+    _one_of(tr.kd_targets, KD_TARGETS, source, "train.kd_targets")
+    if c.targets != "topk":
+        _check(isinstance(c.samples_per_position, int) and 1 <= c.samples_per_position <= MAX_SAMPLES_PER_POSITION,
+               source, "cache.samples_per_position",
+               f"must be an integer in [1, {MAX_SAMPLES_PER_POSITION}] (got {c.samples_per_position!r})")
+        _check(cfg.teacher.backend in SAMPLED_TARGET_BACKENDS, source, "cache.targets",
+               f"teacher.backend={cfg.teacher.backend} sees only the top-K logprobs and cannot draw sampled targets; "
+               f"use teacher.backend={' or '.join(SAMPLED_TARGET_BACKENDS)} or cache.targets=topk")
+    if tr.kd_weight == 0:
+        return
+    stored = "sampled" if c.targets == "sampled" else "topk" if c.targets == "topk" else tr.kd_targets
+    _check(tr.kd_targets == stored, source, "train.kd_targets",
+           f"train.kd_targets={tr.kd_targets} but cache.targets={c.targets} stores no {tr.kd_targets} targets; "
+           f"set train.kd_targets={stored} or cache.targets=both")
+    if tr.kd_targets == "sampled":
+        _check(tr.kd_kind in SAMPLED_KD_KINDS, source, "train.kd_kind",
+               f"sampled targets serve only {', '.join(SAMPLED_KD_KINDS)} (an unbiased cross-entropy), not "
+               f"{tr.kd_kind}; set train.kd_kind=forward_kl or train.kd_targets=topk")
 
 
 def _validate_eval(ev: EvalConfig, source: str) -> None:

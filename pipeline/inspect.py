@@ -49,6 +49,14 @@ def _served_by(server: dict | None) -> str:
     return f"; served as {server.get('model_name')} by vLLM {server.get('vllm_version')}"
 
 
+def _sampled_lines(sampled: dict | None) -> list[str]:
+    if not sampled:
+        return []
+    return [(f"sampled targets  S={sampled['samples_per_position']} draws at τ={sampled['temperature']:g}; unique "
+             f"ids per position mean {sampled['unique_mean'] or 0:.1f}, p50 {sampled['unique_p50'] or 0:.0f}, p95 "
+             f"{sampled['unique_p95'] or 0:.0f}; {sampled['bytes_per_position']:.1f} bytes per distilled token")]
+
+
 def format_summary(s: dict) -> str:
     """Render :func:`cache_summary` for a terminal."""
     lines = [
@@ -61,9 +69,12 @@ def format_summary(s: dict) -> str:
         f"distilled pos.   {s.get('distilled_positions', 0):,}",
         f"top-K            {s['top_k']}  ({s['logprob_mode']}, vocab {s['vocab_size']})",
         f"on disk          {_fmt_bytes(s.get('bytes_on_disk', 0))}  "
-        f"({s.get('bytes_per_position', 0):.1f} bytes per distilled position)",
-        f"top-K encoding   {s.get('encoding', 'plain')}  "
-        f"({s.get('bytes_per_kept_entry') or 0:.2f} bytes per kept (id, logprob) entry)",
+        f"({s.get('bytes_per_position', 0):.1f} bytes per distilled position, i.e. per distilled token)",
+        f"targets          {s.get('targets', 'topk')}",
+        f"top-K encoding   {s.get('encoding', 'plain')}  " + (
+            f"({s['bytes_per_kept_entry']:.2f} bytes per kept (id, logprob) entry)" if s.get('bytes_per_kept_entry')
+            else "(no top-K rows)"),
+        *_sampled_lines(s.get("sampled")),
         f"relations        {'yes' if s['has_relations'] else 'no'}",
         f"teacher          {s.get('teacher_model')}  ({s.get('backend')}{_served_by(s.get('teacher_server'))})",
     ]

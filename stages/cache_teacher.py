@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ from cache_schema import (
     json_fingerprint,
     open_cache,
     peek_cache_state,
+    targets_meta,
     tokenizer_fingerprint,
     write_part,
 )
@@ -45,7 +47,7 @@ from kd.data.training_set import build_training_set, training_set_fingerprints
 from kd.errors import DataError, TeacherConfigError, TeacherServerError, UserError
 from kd.teacher.factory import load_backend, requested_temperatures
 from kd.teacher.server_backend import describe_servers, server_identity, server_length_limit
-from kd.teacher.types import ScoreRequest, check_top_k_fits
+from kd.teacher.types import SamplingSpec, ScoreRequest, check_top_k_fits
 from kd.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -65,6 +67,15 @@ class StageOnePlan:
     """What was at cache.path before: absent, incomplete (resume) or complete (nothing to do)."""
     notes: list[str] = field(default_factory=list)
     """What stage one decided about the data (detected format, mixture draw), printed before scoring."""
+
+    @property
+    def sampling(self) -> SamplingSpec | None:
+        """What each scored position draws for sampled targets (cache.targets: sampled | both), else None."""
+        targets = self.meta["targets"]
+        if targets["mode"] == "topk":
+            return None
+        return SamplingSpec(targets["samples_per_position"], targets["temperature"], self.cfg.seed,
+                            keep_topk=targets["mode"] == "both")
 
     @property
     def tempered(self) -> tuple[float, ...]:
@@ -140,6 +151,11 @@ def _check_existing(path: str, meta: dict, overwrite: bool, repair: bool = False
     return state
 
 
+def _cache_top_k(cfg: Config) -> int:
+    """K of the cache: teacher.top_k, or 0 when it stores only sampled targets."""
+    return 0 if cfg.cache.targets == "sampled" else cfg.teacher.top_k
+
+
 def setup(cfg: Config, overwrite: bool = False, repair: bool = False) -> StageOnePlan:
     """Read, align and fingerprint everything; decide what to do with an existing cache."""
     tokenizer = load_tokenizer(cfg.teacher.model, "teacher.model")
@@ -159,11 +175,12 @@ def setup(cfg: Config, overwrite: bool = False, repair: bool = False) -> StageOn
     fingerprints = {"teacher": _teacher_fingerprint(cfg.teacher, model_config, served),
                     **training_set_fingerprints(training, cfg.data, cfg.seed, tokenizer)}
     meta = {"fingerprints": fingerprints,
-            "top_k": cfg.teacher.top_k, "logprob_mode": cfg.teacher.logprob_mode,
+            "top_k": _cache_top_k(cfg), "logprob_mode": cfg.teacher.logprob_mode,
             "config": config_to_dict(cfg), "teacher_model": cfg.teacher.model, "backend": cfg.teacher.backend,
             "num_fewshot": cfg.data.num_fewshot, "skipped_samples": len(training.skipped),
             "sources": training.sources, "source_formats": training.formats,
-            "temperatures": requested_temperatures(cfg), "encoding": encoding_meta(cfg.cache.encoding)}
+            "temperatures": requested_temperatures(cfg), "encoding": encoding_meta(cfg.cache.encoding),
+            "targets": targets_meta(cfg.cache.targets, cfg.cache.samples_per_position, cfg.train.temperature)}
     if served:
         meta["teacher_server"] = served
     if cfg.teacher.attention.enabled:
@@ -216,10 +233,12 @@ def _pin_gpu_for_this_worker(num_gpus: int) -> None:
 
 
 def score_shard(teacher: TeacherConfig, seed: int, cache_path: str, part_id: int, shard: list[AlignedSample],
-                pin_gpus: int = 0, tempered: tuple[float, ...] = ()) -> dict[str, float]:
+                pin_gpus: int = 0, tempered: tuple[float, ...] = (),
+                sampling: SamplingSpec | None = None) -> dict[str, float]:
     """Score one shard with this process's engine and write it as cache part ``part_id`` (commit last).
 
-    ``tempered``: the cache's temperatures other than 1, whose log-normalizers each sample stores."""
+    ``tempered``: the cache's temperatures other than 1, whose log-normalizers each sample stores; ``sampling``:
+    the sampled targets each position draws (keyed by the crc32 of the sample id and the teacher position)."""
     started = time.perf_counter()
     if teacher.backend == "hf" and os.environ.get("OMP_NUM_THREADS"):
         # OpenMP's thread count is per calling thread and dask runs tasks in an executor thread that starts
@@ -228,9 +247,10 @@ def score_shard(teacher: TeacherConfig, seed: int, cache_path: str, part_id: int
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     backend, load_seconds = _worker_backend(teacher, seed, pin_gpus)
-    requests = [ScoreRequest(s.pair.teacher_input_ids, np.asarray(s.pair.teacher_positions, dtype=np.int64))
-                for s in shard]
-    results = backend.score(requests, temperatures=tempered)
+    requests = [ScoreRequest(s.pair.teacher_input_ids, np.asarray(s.pair.teacher_positions, dtype=np.int64),
+                             zlib.crc32(s.sample_id.encode("utf-8"))) for s in shard]
+    results = backend.score(requests, temperatures=tempered, **({"sampling": sampling} if sampling else {}))
+    keep = None if sampling is None or sampling.keep_topk else 0  # sampled targets only: [n, 0] top-K
     samples = []
     for item, result in zip(shard, results, strict=True):
         sample = {"sample_id": item.sample_id,
@@ -238,12 +258,14 @@ def score_shard(teacher: TeacherConfig, seed: int, cache_path: str, part_id: int
                   "teacher_input_ids": np.asarray(item.pair.teacher_input_ids, dtype=np.int64),
                   "label_positions": np.asarray(item.pair.label_positions, dtype=np.int64),
                   "teacher_positions": np.asarray(item.pair.teacher_positions, dtype=np.int64),
-                  "topk_ids": result.topk_ids, "topk_logprobs": result.topk_logprobs,
+                  "topk_ids": result.topk_ids[:, :keep], "topk_logprobs": result.topk_logprobs[:, :keep],
                   "label_logprobs": result.label_logprobs, "source": item.source}
         if result.relations is not None:
             sample["relations"] = result.relations
         if tempered:
             sample["log_normalizers"] = result.log_normalizers
+        if sampling is not None:
+            sample["sampled_ids"], sample["sampled_counts"] = result.sampled_ids, result.sampled_counts
         samples.append(sample)
     write_part(cache_path, part_id, samples)
     return {"part_id": part_id, "samples": len(shard), "seconds": time.perf_counter() - started,
@@ -288,7 +310,8 @@ def _run_in_process(plan: StageOnePlan, pending: list[int], stats: RunStats, bar
     try:
         for part_id in pending:
             _record(stats, bar, score_shard(plan.cfg.teacher, plan.cfg.seed, plan.cfg.cache.path, part_id,
-                                            plan.shards[part_id], tempered=plan.tempered),
+                                            plan.shards[part_id], tempered=plan.tempered,
+                                            sampling=plan.sampling),
                     started)
     finally:
         for backend in _WORKER_BACKENDS.values():
@@ -329,7 +352,8 @@ def _run_on_dask(plan: StageOnePlan, pending: list[int], stats: RunStats, bar, s
             env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         with Client(scheduler or cluster) as client:
             futures = [client.submit(score_shard, plan.cfg.teacher, plan.cfg.seed, plan.cfg.cache.path, part_id,
-                                     plan.shards[part_id], num_gpus, plan.tempered, key=f"score-part-{part_id}",
+                                     plan.shards[part_id], num_gpus, plan.tempered, plan.sampling,
+                                     key=f"score-part-{part_id}",
                                      pure=False)
                        for part_id in pending]
             for future in as_completed(futures):
@@ -362,10 +386,13 @@ def _visible_gpu_count() -> int:
 
 def run(plan: StageOnePlan, workers: int = 1, scheduler: str | None = None, progress: bool = True) -> RunStats:
     """Score and write every part not yet committed."""
-    writer = CacheWriter(plan.cfg.cache.path, plan.meta, len(plan.shards), top_k=plan.cfg.teacher.top_k,
+    targets = plan.meta["targets"]
+    writer = CacheWriter(plan.cfg.cache.path, plan.meta, len(plan.shards), top_k=plan.meta["top_k"],
                          vocab_size=plan.vocab_size, overwrite=plan.state == "overwrite",
                          repair=plan.state == "repair", logprob_dtype=plan.cfg.cache.logprob_dtype,
-                         temperatures=plan.meta["temperatures"], encoding=plan.cfg.cache.encoding)
+                         temperatures=plan.meta["temperatures"], encoding=plan.cfg.cache.encoding,
+                         targets=targets["mode"], samples_per_position=targets.get("samples_per_position", 0),
+                         sample_temperature=targets.get("temperature", 1.0))
     stats = RunStats()
     with writer:  # holds the cache's writer lock: a second run on this cache.path is refused
         stats.damaged = dict(writer.damaged)

@@ -41,11 +41,17 @@ from kd.student.modes import build_student, export_final
 from kd.tokenizer import load_tokenizer, pad_token_id
 from kd.training import checkpoints as ckpt
 from kd.training.loader import CacheStream, iterate_once
-from kd.training.losses import attention_relation_loss, distillation_loss, kept_mass_kl
+from kd.training.losses import (
+    attention_relation_loss,
+    distillation_loss,
+    kept_mass_kl,
+    sampled_distillation_loss,
+)
 from kd.training.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, PeakMemory
 from kd.training.optimization import build_optimizer, mixed_precision, use_cpu
 from kd.training.training_data import (
     CacheMismatch,
+    check_kd_targets,
     check_student_compatible,
     normalizer_column,
     open_training_cache,
@@ -116,6 +122,9 @@ def _check_temperature(cfg: Config, cache) -> int | None:
     that cannot temper it exactly (one line)."""
     tr = cfg.train
     try:
+        check_kd_targets(cache, tr.kd_targets, tr.temperature, tr.kd_weight)
+        if tr.kd_targets == "sampled":
+            return None  # count/S needs no log-normalizer
         return normalizer_column(cache, tr.kd_kind, tr.topk_handling, tr.temperature, tr.kd_weight)
     except CacheMismatch as exc:
         raise UserError(f"cache.path: {str(exc).splitlines()[0]}") from None
@@ -256,8 +265,10 @@ def _sync_lr_with_schedule(optimizer, scheduler) -> None:
 # ------------------------------------------------------------------------------------------------------ run
 
 
-def _forward(module, batch, temperature: float):
-    return module(batch.input_ids, batch.attention_mask, batch.row_index, batch.label_positions, batch.topk_ids,
+def _forward(module, batch, temperature: float, kd_targets: str = "topk"):
+    """The student's gather at the ids the KD term compares: the cached top-K, or the sampled ids."""
+    ids = batch.sampled_ids if kd_targets == "sampled" else batch.topk_ids
+    return module(batch.input_ids, batch.attention_mask, batch.row_index, batch.label_positions, ids,
                   batch.label_ids, temperature=temperature)
 
 
@@ -268,13 +279,22 @@ def _teacher_normalizer(batch, column: int | None):
 
 def _loss(cfg: Config, gather, batch, column: int | None):
     tr = cfg.train
+    if tr.kd_targets == "sampled":
+        parts = sampled_distillation_loss(gather, batch.sampled_counts, temperature=tr.temperature,
+                                          temperature_squared=tr.temperature_squared, kd_weight=tr.kd_weight,
+                                          ce_weight=tr.ce_weight)
+        return _with_attention(cfg, parts, gather, batch)
     parts = distillation_loss(gather, batch.topk_logprobs, kind=tr.kd_kind, handling=tr.topk_handling,
                               beta=tr.jsd_beta, temperature=tr.temperature,
                               temperature_squared=tr.temperature_squared, kd_weight=tr.kd_weight,
                               ce_weight=tr.ce_weight, teacher_log_normalizer=_teacher_normalizer(batch, column))
-    if tr.attention_weight > 0:  # γ · L_AD (BitDistill)
+    return _with_attention(cfg, parts, gather, batch)
+
+
+def _with_attention(cfg: Config, parts, gather, batch):
+    if cfg.train.attention_weight > 0:  # γ · L_AD (BitDistill)
         attention = attention_relation_loss(gather.relations, batch.relations)
-        parts = replace(parts, total=parts.total + tr.attention_weight * attention, attention=attention)
+        parts = replace(parts, total=parts.total + cfg.train.attention_weight * attention, attention=attention)
     return parts
 
 
@@ -293,7 +313,8 @@ def train_step(plan: StageTwoPlan, step: int) -> dict[str, float]:
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         with nullcontext() if last else acc.no_sync(plan.model):
-            parts = _loss(cfg, _forward(plan.model, batch, cfg.train.temperature), batch, plan.normalizer_column)
+            gather = _forward(plan.model, batch, cfg.train.temperature, cfg.train.kd_targets)
+            parts = _loss(cfg, gather, batch, plan.normalizer_column)
             acc.backward(parts.total * (batch.num_positions * scale))
         n = float(batch.num_positions)
         sums += torch.tensor([_value(parts.total) * n, _value(parts.kd) * n, _value(parts.ce) * n, n,
@@ -326,6 +347,19 @@ def _diverged(plan: StageTwoPlan, step: int, what: str) -> None:
                            "(lower train.lr or check the cache with `pipeline inspect-cache --validate`)")
 
 
+def _validation_kd(cfg: Config, module, batch, at_one, column: int | None):
+    """The training KD term (weight 1) on a held-out batch."""
+    tr, tau = cfg.train, cfg.train.temperature
+    if tr.kd_targets == "sampled":
+        return sampled_distillation_loss(_forward(module, batch, tau, "sampled"), batch.sampled_counts,
+                                         temperature=tau, temperature_squared=tr.temperature_squared).kd
+    at_tau = at_one if tau == 1.0 else _forward(module, batch, tau)
+    return distillation_loss(at_tau, batch.topk_logprobs, kind=tr.kd_kind, handling=tr.topk_handling,
+                             beta=tr.jsd_beta, temperature=tau, temperature_squared=tr.temperature_squared,
+                             kd_weight=1.0, ce_weight=0.0,
+                             teacher_log_normalizer=_teacher_normalizer(batch, column)).kd
+
+
 @torch.no_grad()
 def validate(plan: StageTwoPlan) -> dict[str, float]:
     """Held-out CE, the training KD term, and the forward KL to the teacher on the kept mass at τ=1."""
@@ -333,17 +367,11 @@ def validate(plan: StageTwoPlan) -> dict[str, float]:
     module = acc.unwrap_model(plan.model)
     module.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=acc.device)  # Σ ce, Σ kd, Σ kl, N, Σ N·attention
-    tau = cfg.train.temperature
     with acc.autocast():
         for batch in iterate_once(plan.cache, plan.val_indices, cfg.train.batch_size, plan.pad_id):
             batch = batch.to(acc.device)
             at_one = _forward(module, batch, 1.0)
-            at_tau = at_one if tau == 1.0 else _forward(module, batch, tau)
-            kd = distillation_loss(at_tau, batch.topk_logprobs, kind=cfg.train.kd_kind,
-                                   handling=cfg.train.topk_handling, beta=cfg.train.jsd_beta, temperature=tau,
-                                   temperature_squared=cfg.train.temperature_squared, kd_weight=1.0,
-                                   ce_weight=0.0,
-                                   teacher_log_normalizer=_teacher_normalizer(batch, plan.normalizer_column)).kd
+            kd = _validation_kd(cfg, module, batch, at_one, plan.normalizer_column)
             n = float(batch.num_positions)
             kl = kept_mass_kl(at_one.topk_logprobs.float(), batch.topk_logprobs.float())  # [N]
             attention = attention_relation_loss(at_one.relations, batch.relations) \
@@ -358,6 +386,8 @@ def validate(plan: StageTwoPlan) -> dict[str, float]:
                "positions": float(sums[3])}
     if module.relation_layer is not None:
         numbers["attention"] = float(sums[4]) / n
+    if plan.cache.top_k == 0:  # a sampled-only cache keeps no top-K: a "kept-mass KL" over no ids means nothing
+        del numbers["kl_kept_mass"]
     return numbers
 
 
@@ -440,7 +470,7 @@ def summarize(plan: StageTwoPlan, result: RunResult, final_paths: dict[str, str]
     """The closing numbers and where everything is."""
     times = result.step_times[1:] or result.step_times  # the first step pays for warm-up (thread, allocator)
     step_time = sum(times) / len(times) if times else None
-    kls = [v["kl_kept_mass"] for v in result.validations]
+    kls = [v["kl_kept_mass"] for v in result.validations if "kl_kept_mass" in v]
     out = plan.output_dir
     return {
         "steps": plan.cfg.train.max_steps, "start_step": plan.start_step, "resumed_from": plan.resumed_from,

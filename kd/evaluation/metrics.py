@@ -1,4 +1,5 @@
-"""Evaluation metrics: exact match of generated answers, answer perplexity, held-out KL to the cached teacher.
+"""Evaluation metrics: exact match of generated answers, answer perplexity and calibration (ECE), held-out KL to
+the cached teacher.
 
 Pure measurement functions; :mod:`stages.evaluate` decides which model and which samples they see.
 """
@@ -52,10 +53,46 @@ def _right_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Te
     return input_ids, attention_mask
 
 
+ECE_BINS = 15
+"""Equal-width confidence bins of :func:`expected_calibration_error` (Guo et al. 2017 use 15)."""
+
+
+def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """confidences [N] (the top next-token probability), correct [N] bool (top token == actual token) -> ECE.
+
+    Σ_b |B_b|/N · |accuracy(B_b) − mean confidence(B_b)| over ``bins`` equal-width confidence bins (the top bin
+    closed at 1): 0 for a calibrated model; top-K distillation's over-confidence raises it. N = 0 gives 0.
+    """
+    if confidences.shape != correct.shape or confidences.dim() != 1:
+        raise ValueError(f"confidences {tuple(confidences.shape)} and correct {tuple(correct.shape)} must be [N]")
+    if confidences.numel() == 0:
+        return 0.0
+    conf = confidences.double()
+    which = (conf * bins).long().clamp_(0, bins - 1)  # [N] bin of each prediction
+    confidence_sum = torch.bincount(which, weights=conf, minlength=bins)
+    correct_sum = torch.bincount(which, weights=correct.double(), minlength=bins)
+    return float((confidence_sum - correct_sum).abs().sum() / conf.numel())
+
+
+def _top_predictions(lm, hidden_rows: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden_rows [N, H] -> (top probability [N], top id [N]) of the full next-token softmax, in chunks."""
+    head, softcap = lm.get_output_embeddings(), _softcap(lm)
+    tops, ids = [], []
+    for start in range(0, hidden_rows.shape[0], chunk_size):
+        logits = head(hidden_rows[start:start + chunk_size]).float()  # [c, V]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        top_logit, top_id = logits.max(dim=-1)
+        tops.append((top_logit - torch.logsumexp(logits, dim=-1)).exp())
+        ids.append(top_id)
+    return torch.cat(tops), torch.cat(ids)
+
+
 @torch.no_grad()
 def answer_perplexity(model, prompts: Sequence[list[int]], answers: Sequence[list[int]], *, pad_id: int,
                       batch_size: int = 16, chunk_size: int = 1024) -> dict[str, float]:
-    """exp(mean NLL) of the answer tokens (end of turn included) given each prompt.
+    """exp(mean NLL) of the answer tokens (end of turn included) given each prompt, and the student's calibration
+    there: ``ece`` (:func:`expected_calibration_error` of its next-token probabilities) and ``answer_top1``.
 
     model: a transformers causal LM (or a module wrapping one, e.g. a PeftModel). prompts, answers: token ids;
     sequence i is prompts[i] + answers[i]. Only answer rows go through the lm_head (no [B, T, V] tensor).
@@ -65,6 +102,8 @@ def answer_perplexity(model, prompts: Sequence[list[int]], answers: Sequence[lis
     lm.eval()
     device = next(lm.parameters()).device
     total_nll, total_tokens = 0.0, 0
+    confidences: list[torch.Tensor] = []
+    hits: list[torch.Tensor] = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts, batch_answers = prompts[start:start + batch_size], answers[start:start + batch_size]
         sequences = [p + a for p, a in zip(batch_prompts, batch_answers)]
@@ -83,10 +122,16 @@ def answer_perplexity(model, prompts: Sequence[list[int]], answers: Sequence[lis
                                        logit_softcap=_softcap(lm))
         total_nll -= float(gathered.label_logprobs.double().sum())
         total_tokens += int(label_ids.numel())
+        top_probability, top_id = _top_predictions(lm, hidden[row_index, label_positions - 1], chunk_size)
+        confidences.append(top_probability.cpu())
+        hits.append((top_id == label_ids).cpu())
     if was_training:
         lm.train()
     mean_nll = total_nll / max(total_tokens, 1)
-    return {"perplexity": math.exp(min(mean_nll, 700.0)), "answer_nll": mean_nll, "answer_tokens": total_tokens}
+    confidence, correct = (torch.cat(c) if c else torch.zeros(0) for c in (confidences, hits))
+    return {"perplexity": math.exp(min(mean_nll, 700.0)), "answer_nll": mean_nll, "answer_tokens": total_tokens,
+            "ece": expected_calibration_error(confidence, correct.bool()),
+            "answer_top1": float(correct.double().mean()) if correct.numel() else None}
 
 
 def _softcap(lm) -> float | None:

@@ -16,6 +16,10 @@ EXACT_TEMPERING_BACKENDS = ("hf",)
 log-normalizer at any temperature (``cache.temperatures``); vLLM's prompt logprobs (in process or served) are
 top-K at τ=1 only."""
 
+SAMPLED_TARGET_BACKENDS = ("hf",)
+"""Backends that can draw sampled targets (``cache.targets: sampled | both``): they hold the full logit row;
+vLLM's prompt logprobs (in process or served) see only the top-K."""
+
 DEFAULT_VERIFY_BACKEND = "hf"
 """``pipeline verify-cache``'s engine unless one is given: transformers runs anywhere (CPU too), no engine start."""
 

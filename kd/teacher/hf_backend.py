@@ -14,8 +14,15 @@ import torch
 from kd.config import TeacherConfig
 from kd.errors import TeacherConfigError
 from kd.relations import capture_projections, projection_modules, relation_matrices
-from kd.teacher.logit_rows import LogitHead, targets_from_hidden_rows
-from kd.teacher.types import ScoreRequest, ScoreResult, check_top_k_fits, checked_request_arrays, empty_result
+from kd.teacher.logit_rows import LogitHead, RowSampling, targets_from_hidden_rows
+from kd.teacher.types import (
+    SamplingSpec,
+    ScoreRequest,
+    ScoreResult,
+    check_top_k_fits,
+    checked_request_arrays,
+    empty_result,
+)
 
 # fp32 probe tolerance when checking that lm_head(+softcap) reproduces model(...).logits at load time.
 LOGIT_PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.05}
@@ -109,9 +116,11 @@ class HFTeacherBackend:
                 f"final_logit_softcapping (max deviation {error:.3g}); the hf teacher backend does not support it"
             )
 
-    def score(self, requests: list[ScoreRequest], temperatures: Sequence[float] = ()) -> list[ScoreResult]:
+    def score(self, requests: list[ScoreRequest], temperatures: Sequence[float] = (),
+              sampling: SamplingSpec | None = None) -> list[ScoreResult]:
         """Score requests in length-sorted batches; results come back in request order. With ``temperatures``
-        each result also holds log Σ_V p^(1/τ) per position and τ (``log_normalizers`` [n, M])."""
+        each result also holds log Σ_V p^(1/τ) per position and τ (``log_normalizers`` [n, M]); with ``sampling``
+        its sampled targets (``sampled_ids`` / ``sampled_counts`` [n, S])."""
         if self.model is None:
             raise RuntimeError("HFTeacherBackend.score called after close()")
         temperatures = tuple(float(t) for t in temperatures)
@@ -122,13 +131,14 @@ class HFTeacherBackend:
         for index, length in enumerate(needed):
             if length == 0:
                 results[index] = empty_result(
-                    self.top_k, self.relation_modules is not None, self._relation_heads(), len(temperatures)
-                )
+                    self.top_k, self.relation_modules is not None, self._relation_heads(), len(temperatures),
+                    sampling.draws if sampling else 0)
         scored = [index for index, length in enumerate(needed) if length > 0]
         for batch in length_sorted_batches([needed[i] for i in scored], self.teacher.max_batch_tokens):
             indices = [scored[b] for b in batch]
             batch_results = self._score_batch([checked[i] for i in indices], [needed[i] for i in indices],
-                                              temperatures)
+                                              temperatures, _row_sampling(sampling, [requests[i] for i in indices],
+                                                                          [checked[i][1] for i in indices]))
             for index, result in zip(indices, batch_results):
                 results[index] = result
         return results  # type: ignore[return-value]
@@ -138,7 +148,8 @@ class HFTeacherBackend:
 
     @torch.inference_mode()
     def _score_batch(
-        self, arrays: list[tuple[np.ndarray, np.ndarray]], lengths: list[int], temperatures: tuple[float, ...]
+        self, arrays: list[tuple[np.ndarray, np.ndarray]], lengths: list[int], temperatures: tuple[float, ...],
+        sampling: RowSampling | None = None,
     ) -> list[ScoreResult]:
         """One right-padded forward over `arrays` (ids [Tt], positions [n]) cut to `lengths` tokens each."""
         batch_size, longest = len(arrays), max(lengths)
@@ -163,7 +174,7 @@ class HFTeacherBackend:
         predicting_rows = hidden[row_index, target_pos - 1]  # [N, H] rows at tp - 1
         labels = input_ids[row_index, target_pos]  # [N]
         targets = targets_from_hidden_rows(predicting_rows, labels, self.head, self.top_k, temperatures,
-                                           self.teacher.logprob_chunk)
+                                           self.teacher.logprob_chunk, sampling)
 
         results = []
         start = 0
@@ -184,7 +195,18 @@ class HFTeacherBackend:
                     label_logprobs=rows.label_logprobs,
                     relations=relations,
                     log_normalizers=rows.log_normalizers if temperatures else None,
+                    sampled_ids=rows.sampled_ids,
+                    sampled_counts=rows.sampled_counts,
                 )
             )
             start = stop
         return results
+
+
+def _row_sampling(spec: SamplingSpec | None, requests: list[ScoreRequest],
+                  positions: list[np.ndarray]) -> RowSampling | None:
+    """The per-row draw keys of one batch: each request's sample key at each of its scored positions tp."""
+    if spec is None:
+        return None
+    keys = np.concatenate([np.full(p.size, r.sample_key, np.int64) for r, p in zip(requests, positions)])
+    return RowSampling(spec.draws, spec.temperature, spec.seed, keys, np.concatenate(positions))

@@ -10,7 +10,10 @@ distribution that PREDICTS token ``teacher_input_ids[tp]`` is the one the model 
 - ``topk_logprobs`` [n, K] float32: full-vocabulary ``log_softmax`` of the fp32 logits at temperature 1;
 - ``label_logprobs`` [n] float32: the logprob of the actual token ``teacher_input_ids[tp]``;
 - ``log_normalizers`` [n, M] float32 when ``score`` is asked for M temperatures τ_m (backends that see the
-  full logit row): log Σ_V p_v^(1/τ_m) of that same τ=1 distribution, which makes tempering exact.
+  full logit row): log Σ_V p_v^(1/τ_m) of that same τ=1 distribution, which makes tempering exact;
+- ``sampled_ids`` / ``sampled_counts`` [n, S] int64 when ``score`` is given a :class:`SamplingSpec` (backends
+  that see the full logit row): S draws from the teacher's softmax at the spec's τ, as unique ids + counts,
+  deterministic from (seed, ``ScoreRequest.sample_key``, tp).
 
 Vocabulary width: the softmax runs over the model's whole logit row, i.e. ``config.vocab_size`` rows of the
 lm_head, including padded rows that no tokenizer id maps to (e.g. Qwen's 151936/152064 heads). This is what
@@ -51,6 +54,19 @@ class ScoreRequest:
 
     teacher_input_ids: list[int] | np.ndarray
     teacher_positions: np.ndarray
+    sample_key: int = 0
+    """A stable key of the sample (stage one: crc32 of its id): with the position it fixes the sampled draws."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Sampled targets to draw: ``draws`` (S) tokens per scored position from the teacher at ``temperature``."""
+
+    draws: int
+    temperature: float
+    seed: int
+    keep_topk: bool = True
+    """False: the cache stores the sampled targets only (stage one drops the top-K rows it gets back)."""
 
 
 @dataclass
@@ -62,6 +78,7 @@ class ScoreResult:
     label_logprobs: [n] float32, logprob of teacher_input_ids[tp].
     relations: [3, A_r, n, n] float32 (Q-Q, K-K, V-V relation softmaxes over the n scored tokens) or None.
     log_normalizers: [n, M] float32, log Σ_V p^(1/τ_m) for the M temperatures asked of ``score``, or None.
+    sampled_ids, sampled_counts: [n, S] int64 unique drawn ids (ascending, then padding) and their counts, or None.
     """
 
     topk_ids: np.ndarray
@@ -69,6 +86,8 @@ class ScoreResult:
     label_logprobs: np.ndarray
     relations: np.ndarray | None = None
     log_normalizers: np.ndarray | None = None
+    sampled_ids: np.ndarray | None = None
+    sampled_counts: np.ndarray | None = None
 
 
 @runtime_checkable
@@ -128,8 +147,8 @@ def checked_request_arrays(
 
 
 def empty_result(top_k: int, with_relations: bool, num_relation_heads: int = 0,
-                 num_temperatures: int = 0) -> ScoreResult:
-    """Result for a request with no scored positions (n = 0)."""
+                 num_temperatures: int = 0, draws: int = 0) -> ScoreResult:
+    """Result for a request with no scored positions (n = 0); ``draws`` > 0: with empty sampled targets."""
     relations = np.zeros((3, num_relation_heads, 0, 0), np.float32) if with_relations else None
     return ScoreResult(
         topk_ids=np.zeros((0, top_k), np.int64),
@@ -137,6 +156,8 @@ def empty_result(top_k: int, with_relations: bool, num_relation_heads: int = 0,
         label_logprobs=np.zeros((0,), np.float32),
         relations=relations,
         log_normalizers=np.zeros((0, num_temperatures), np.float32) if num_temperatures else None,
+        sampled_ids=np.zeros((0, draws), np.int64) if draws else None,
+        sampled_counts=np.zeros((0, draws), np.int64) if draws else None,
     )
 
 

@@ -57,7 +57,8 @@ class Batch:
     topk_ids [N, K] long; topk_logprobs [N, K] float32; teacher_label_logprobs [N] float32 (teacher's logprob
     of label_ids); relations: per row [3, A_r, n_i, n_i] float32, or None when the cache has none;
     teacher_log_normalizers [N, M] float32: log Σ_V p^(1/τ_m) per position for the cache's M temperatures other
-    than 1 (``cache.tempered_temperatures``), or None when it has none.
+    than 1 (``cache.tempered_temperatures``), or None when it has none; sampled_ids / sampled_counts [N, S] long:
+    the cache's sampled targets (unique drawn ids, their counts, count-0 padding), or None when it has none.
     """
 
     input_ids: torch.Tensor
@@ -72,6 +73,8 @@ class Batch:
     num_tokens: int
     relations: list[torch.Tensor] | None = None
     teacher_log_normalizers: torch.Tensor | None = None
+    sampled_ids: torch.Tensor | None = None
+    sampled_counts: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -142,6 +145,11 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int, top_k: int) -> Batch
     if samples and all("log_normalizers" in s for s in samples):
         width = samples[0]["log_normalizers"].shape[1]
         normalizers = torch.from_numpy(_concat([s["log_normalizers"] for s in samples], np.float32, (width,)))
+    sampled = {}
+    if samples and all("sampled_ids" in s for s in samples):
+        draws = samples[0]["sampled_ids"].shape[1]
+        sampled = {key: torch.from_numpy(_concat([s[key] for s in samples], np.int64, (draws,)))
+                   for key in ("sampled_ids", "sampled_counts")}
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention_mask),
@@ -155,12 +163,13 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int, top_k: int) -> Batch
         num_tokens=int(lengths.sum()),
         relations=relations,
         teacher_log_normalizers=normalizers,
+        **sampled,
     )
 
 
 def _concat(arrays: Sequence[np.ndarray], dtype: Any, tail: tuple[int, ...]) -> np.ndarray:
-    if not arrays:
-        return np.zeros((0, *tail), dtype=dtype)
+    if not arrays or 0 in tail:  # [n, 0] top-K rows of a sampled-only cache cannot reshape to (-1, 0)
+        return np.zeros((sum(len(a) for a in arrays), *tail), dtype=dtype)
     return np.concatenate([np.asarray(a, dtype=dtype).reshape((-1, *tail)) for a in arrays])
 
 

@@ -37,6 +37,11 @@ KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "mse_topk")
 """``train.kd_kind``: the divergence between the teacher's cached top-K and the student."""
 TOPK_HANDLINGS = ("tail", "renormalize")
 """``train.topk_handling``: keep the teacher's missing mass as a tail bucket, or renormalize both sides over S."""
+KD_TARGETS = ("topk", "sampled")
+"""``train.kd_targets``: the cached top-K logprobs, or the cached sampled ids + counts (:func:`sampled_cross_entropy`)."""
+SAMPLED_KD_KINDS = ("forward_kl",)
+"""The KD kinds sampled targets serve without bias: the cross-entropy is linear in the target distribution, so
+count/S in place of p keeps its expectation; reverse KL, JSD and MSE are not linear in p."""
 
 
 # ---------------------------------------------------------------------------------------------- student side
@@ -361,6 +366,54 @@ def distillation_loss(gather: StudentGather, teacher_topk_logprobs: Tensor, *, k
         terms.append(ce_weight * ce)
     total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     return LossParts(total, kd, ce)
+
+
+# ---------------------------------------------------------------------------------------------- sampled targets
+
+def sampled_cross_entropy(student_logprobs: Tensor, target_probs: Tensor) -> Tensor:
+    """student_logprobs [N, S] log q_τ at the sampled ids, target_probs [N, S] -> [N] −Σ_s w_s · log q_τ(id_s).
+
+    Random-Sampling KD (Anshumann et al., 2025): with w = count/S of S draws from the teacher's p_τ (the
+    proposal is the teacher itself, so every importance weight is 1), E[w_s] sums to p_τ(v) per id v, and since
+    the loss is linear in w its expectation over draws is the full-vocabulary cross-entropy H(p_τ, q_τ) — the
+    forward KL(p_τ‖q_τ) plus the teacher's entropy, a constant of the student: same gradient in expectation.
+    Fed the exact distribution (all V ids, w = p_τ) it is H(p_τ, q_τ) exactly. Slots with w = 0 (padding)
+    contribute 0 whatever the student's logprob there.
+    """
+    if student_logprobs.shape != target_probs.shape or student_logprobs.dim() != 2:
+        raise ValueError(f"student_logprobs {tuple(student_logprobs.shape)} and target_probs "
+                         f"{tuple(target_probs.shape)} must both be [N, S]")
+    weights = target_probs.to(student_logprobs.dtype)
+    terms = torch.where(weights > 0, weights * student_logprobs, torch.zeros_like(student_logprobs))
+    return -terms.sum(dim=-1)
+
+
+def sampled_distillation_loss(gather: StudentGather, sampled_counts: Tensor, *, temperature: float = 1.0,
+                              temperature_squared: bool = True, kd_weight: float = 1.0, ce_weight: float = 0.0,
+                              weights: Tensor | None = None) -> LossParts:
+    """ce_weight · CE + kd_weight · (sampled forward cross-entropy), each averaged over the N positions.
+
+    gather: from :func:`student_logprobs_at` at the sampled ids [N, S] and ``temperature`` (the τ the cache drew
+    at); sampled_counts [N, S]: draws per id (0 = padding), summing to S per row. The KD term is
+    :func:`sampled_cross_entropy` with target count/S (× τ² when ``temperature_squared``).
+    """
+    if kd_weight < 0 or ce_weight < 0 or (kd_weight == 0 and ce_weight == 0):
+        raise ValueError(f"kd_weight and ce_weight must be >= 0, not both 0 (got {kd_weight}, {ce_weight})")
+    if gather.temperature != temperature:
+        raise ValueError(f"student logprobs were gathered at temperature {gather.temperature}, the loss asks for "
+                         f"{temperature}; pass the same temperature to student_logprobs_at")
+    kd = ce = None
+    terms: list[Tensor] = []
+    if kd_weight > 0:
+        counts = sampled_counts.to(gather.topk_logprobs.dtype)
+        target = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1.0)
+        kd = _weighted_mean(sampled_cross_entropy(gather.topk_logprobs, target), weights)
+        kd = kd * temperature ** 2 if temperature_squared else kd
+        terms.append(kd_weight * kd)
+    if ce_weight > 0:
+        ce = _weighted_mean(-gather.label_logprobs, weights)
+        terms.append(ce_weight * ce)
+    return LossParts(terms[0] if len(terms) == 1 else terms[0] + terms[1], kd, ce)
 
 
 # ---------------------------------------------------------------------------------------- attention relations

@@ -111,3 +111,22 @@ def normalizer_column(cache: Any, kind: str, handling: str, temperature: float, 
             f"{temperature:g} with train.topk_handling=tail needs τ={temperature:g} there: rebuild the cache with "
             f"cache.temperatures=[{temperature:g}] (teacher.backend=hf), or set train.topk_handling=renormalize")
     return tempered.index(temperature)
+
+
+def check_kd_targets(cache: Any, kd_targets: str, temperature: float, kd_weight: float) -> None:
+    """Refuse (CacheMismatch) a cache that lacks the targets ``train.kd_targets`` asks for, or sampled targets
+    drawn at another τ than ``train.temperature`` (count/S estimates the teacher at the τ it was drawn at)."""
+    if kd_weight <= 0:
+        return
+    if kd_targets == "topk" and cache.top_k == 0:
+        raise CacheMismatch(f"cache {cache.path} stores sampled targets only (no top-K); set train.kd_targets=sampled "
+                            "or rebuild it with cache.targets=topk or both")
+    if kd_targets != "sampled":
+        return
+    if cache.sampled_draws == 0:
+        raise CacheMismatch(f"cache {cache.path} has no sampled targets (targets={cache.targets['mode']}); rebuild it "
+                            "with cache.targets=sampled or both (teacher.backend=hf), or set train.kd_targets=topk")
+    drawn_at = float(cache.targets["temperature"])
+    if drawn_at != temperature:
+        raise CacheMismatch(f"cache {cache.path} drew its sampled targets at τ={drawn_at:g}, train.temperature="
+                            f"{temperature:g}; train at τ={drawn_at:g} or rebuild the cache at τ={temperature:g}")

@@ -64,7 +64,13 @@ def test_repeats_and_conditions_recorded(tiny_results):
     assert gkd["gkd_settings"] == {"lmbda": 0.0, "beta": 0.0, "temperature": 1.0, "seq_kd": False}
     assert gkd["teacher_over_student_params"] >= 4  # the rule for a meaningful online baseline
     by_encoding = tiny_results["cache_size"]["results"]
-    assert set(by_encoding) == {"plain", "compact", "compact_over_plain"}
+    assert set(by_encoding) == {"plain", "compact", "sampled", "compact_over_plain"}
+    sampled = by_encoding["sampled"]["32"]
+    assert sampled["bytes_on_disk"] == sum(sampled["bytes_by_array"].values())
+    assert 1 <= sampled["unique_per_position"]["unique_mean"] <= 32
+    modes = tiny_results["target_modes"]["results"]
+    assert set(modes["arms"]) == {"topk-plain", "topk-compact", "sampled"}
+    assert all(row["full_kl"] >= 0 and 0 <= row["ece"] <= 1 for row in modes["arms"].values())
     topk_arrays = {"plain": ("topk_ids", "topk_logprobs"),
                    "compact": ("topk_id_deltas", "topk_logprob_codes", "topk_top_logprobs")}
     for encoding, arrays in topk_arrays.items():

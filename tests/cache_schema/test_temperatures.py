@@ -37,7 +37,7 @@ def test_log_normalizers_round_trip_and_survive_deep_validation(tmp_path):
     write_cache(tmp_path / "c", parts, temperatures=(2.0, 1.0, 0.5, 2.0))
     cache = open_cache(tmp_path / "c")
     validate_cache(cache, deep=True)
-    assert cache.meta["format_version"] == 3
+    assert cache.meta["format_version"] == 4
     assert cache.temperatures == (1.0, 0.5, 2.0) and cache.tempered_temperatures == (0.5, 2.0)
     expected = [s["log_normalizers"] for part in parts for s in part]
     for got, want in zip((cache[i]["log_normalizers"] for i in range(len(cache))), expected, strict=True):

@@ -113,6 +113,17 @@ ERROR_CASES = {
     "tail_temperature_not_listed": (None, "tiny", ["teacher.backend=hf", "train.temperature=2",
                                                    "train.topk_handling=tail", "cache.temperatures=[3]"],
                                     "add 2 to cache.temperatures"),
+    # Sampled targets: a known mode, S in [1, 255], a backend that sees the full row, a KD kind they serve.
+    "targets_unknown": (None, "tiny", ["cache.targets=dense"], "cache.targets: must be one of topk, sampled, both"),
+    "sampled_with_vllm": (None, "tiny", ["cache.targets=both"],
+                          "cache.targets: teacher.backend=vllm sees only the top-K logprobs"),
+    "samples_zero": (None, "tiny", ["teacher.backend=hf", "cache.targets=both", "cache.samples_per_position=0"],
+                     "cache.samples_per_position: must be an integer in [1, 255]"),
+    "sampled_reverse_kl": (None, "tiny", ["teacher.backend=hf", "cache.targets=sampled", "train.kd_targets=sampled",
+                                          "train.kd_kind=reverse_kl"],
+                           "train.kd_kind: sampled targets serve only forward_kl"),
+    "kd_targets_missing": (None, "tiny", ["train.kd_targets=sampled"],
+                           "train.kd_targets: train.kd_targets=sampled but cache.targets=topk"),
 }
 
 

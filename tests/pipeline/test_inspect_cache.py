@@ -31,7 +31,7 @@ def test_json_summary(tiny_hf_cache, capsys):
     summary = json.loads(capsys.readouterr().out)
     cache = open_cache(tiny_hf_cache.cache.path)
     assert summary["samples"] == len(cache) == 24
-    assert summary["top_k"] == 8 and summary["format_version"] == FORMAT_VERSION == 3
+    assert summary["top_k"] == 8 and summary["format_version"] == FORMAT_VERSION == 4
     assert summary["temperatures"] == [1.0] and summary["tempered_kept_mass"] == {}
     assert summary["distilled_positions"] == cache.num_label_positions
     assert summary["student_tokens"] == cache.num_tokens

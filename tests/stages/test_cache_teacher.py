@@ -73,7 +73,7 @@ def test_tempered_cache_stores_the_exact_log_normalizer(tmp_path):
     cache_teacher(cfg, workers=0, progress=False, echo=lambda *_: None)
     cache = open_cache(cfg.cache.path)
     validate_cache(cache, deep=True)
-    assert cache.temperatures == (1.0, 2.0) and cache.meta["format_version"] == 3
+    assert cache.temperatures == (1.0, 2.0) and cache.meta["format_version"] == 4
     model = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=torch.float32).eval()
     for sample in cache:
         with torch.no_grad():

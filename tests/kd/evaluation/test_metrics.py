@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cache_schema import open_cache
-from kd.evaluation.metrics import answer_perplexity, held_out_kl, score_completions
+from kd.evaluation.metrics import answer_perplexity, expected_calibration_error, held_out_kl, score_completions
 from kd.student.model import DistillStudent
 from pipeline.config_loader import ASSETS_DIR
 
@@ -42,18 +42,36 @@ def test_answer_perplexity_matches_a_dense_forward(tiny_student):
     answers = [tokenizer.encode(" 4 / 2 = 2. #### 2"), tokenizer.encode(" 5 + 6 = 11. #### 11 done")]
     # batch_size 1 and 2: padding must not change the numbers; chunk_size 3 splits the lm_head rows
     got = [answer_perplexity(model, prompts, answers, pad_id=0, batch_size=b, chunk_size=3) for b in (1, 2)]
-    nll, count = 0.0, 0
+    nll, count, confidences, hits = 0.0, 0, [], []
     with torch.no_grad():
         for prompt, answer in zip(prompts, answers):
             ids = torch.tensor([prompt + answer])
             logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)  # [T, V]
             for k, token in enumerate(answer):
-                nll -= float(logprobs[len(prompt) + k - 1, token])
+                row = logprobs[len(prompt) + k - 1]
+                nll -= float(row[token])
                 count += 1
+                confidences.append(float(row.max().exp()))
+                hits.append(int(row.argmax()) == token)
+    # dense ECE by hand: 15 equal-width bins, |accuracy - confidence| weighted by the bin's share
+    bins = [min(int(c * 15), 14) for c in confidences]
+    want_ece = sum(abs(sum(h for h, b in zip(hits, bins) if b == k) - sum(c for c, b in zip(confidences, bins)
+                                                                         if b == k)) for k in range(15)) / count
     for result in got:
+        assert result["ece"] == pytest.approx(want_ece, abs=1e-6)
+        assert result["answer_top1"] == pytest.approx(sum(hits) / count)
         assert result["answer_tokens"] == count
         assert result["answer_nll"] == pytest.approx(nll / count, rel=1e-5)
         assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_expected_calibration_error_on_known_bins():
+    confidences = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.25, 0.25])
+    correct = torch.tensor([True, True, True, False, False, True])
+    # bin of 0.95: accuracy 0.75 vs 0.95 (4 of 6); bin of 0.25: accuracy 0.5 vs 0.25 (2 of 6)
+    assert expected_calibration_error(confidences, correct) == pytest.approx(4 / 6 * 0.2 + 2 / 6 * 0.25)
+    assert expected_calibration_error(torch.ones(3), torch.ones(3, dtype=torch.bool)) == 0.0  # the top bin is closed
+    assert expected_calibration_error(torch.zeros(0), torch.zeros(0, dtype=torch.bool)) == 0.0
 
 
 def _dense_tail_kl(teacher_lp: np.ndarray, student_lp: np.ndarray) -> float:
