@@ -26,7 +26,12 @@ from kd.evaluation.generation import EVAL_BACKENDS
 from kd.student.model import STUDENT_DTYPES
 from kd.student.modes import STUDENT_MODES
 from kd.student.quantized import QAT_ACTIVATIONS, QUANTIZED_EMBEDDING_MODES
-from kd.teacher.factory import EXACT_TEMPERING_BACKENDS, TEACHER_BACKENDS, requested_temperatures
+from kd.teacher.factory import (
+    EXACT_TEMPERING_BACKENDS,
+    TEACHER_BACKENDS,
+    TEACHER_SCORINGS,
+    requested_temperatures,
+)
 from kd.teacher.server_client import SERVER_URL_SCHEMES
 from kd.teacher.types import LOGPROB_MODES, TEACHER_DTYPES
 from kd.training.losses import KD_KINDS, TOPK_HANDLINGS, needs_log_normalizer
@@ -52,6 +57,7 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     """Check ranges, allowed values and combinations; raise ConfigError naming the key. Returns ``cfg``."""
     t, s, d, c, tr = cfg.teacher, cfg.student, cfg.data, cfg.cache, cfg.train
     _one_of(t.backend, TEACHER_BACKENDS, source, "teacher.backend")
+    _one_of(t.scoring, TEACHER_SCORINGS, source, "teacher.scoring")
     _one_of(t.dtype, TEACHER_DTYPES, source, "teacher.dtype")
     _one_of(t.logprob_mode, LOGPROB_MODES, source, "teacher.logprob_mode")
     _positive(t.top_k, source, "teacher.top_k")

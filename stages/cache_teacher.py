@@ -43,7 +43,7 @@ from kd.config import Config, TeacherConfig, config_to_dict
 from kd.data.sequences import AlignedSample
 from kd.data.training_set import build_training_set, training_set_fingerprints
 from kd.errors import DataError, TeacherConfigError, TeacherServerError, UserError
-from kd.teacher.factory import load_backend, requested_temperatures
+from kd.teacher.factory import load_backend, requested_temperatures, resolve_scoring
 from kd.teacher.server_backend import describe_servers, server_identity, server_length_limit
 from kd.teacher.types import ScoreRequest, check_top_k_fits
 from kd.tokenizer import load_tokenizer
@@ -149,6 +149,8 @@ def setup(cfg: Config, overwrite: bool = False, repair: bool = False) -> StageOn
                         "different tokenizers; cached token ids would mean different things to the student")
     check_top_k_fits(cfg.teacher.top_k, len(tokenizer), cfg.teacher.model)
     model_config = _model_config(cfg.teacher.model)
+    # teacher.scoring=span on an architecture it cannot reproduce stops here, before anything is written.
+    scoring_note = resolve_scoring(cfg.teacher, model_config)[1] if cfg.teacher.backend == "vllm" else None
     served = _served_identity(cfg, tokenizer)
     training = build_training_set(cfg.data, cfg.seed, tokenizer, _teacher_length_limit(cfg, model_config, served))
     if not training.built:
@@ -172,7 +174,8 @@ def setup(cfg: Config, overwrite: bool = False, repair: bool = False) -> StageOn
     vocab_size = max(int(model_config.get("vocab_size") or 0), len(tokenizer))
     state = _check_existing(cfg.cache.path, meta, overwrite, repair)
     return StageOnePlan(cfg, shards, meta, vocab_size, skipped=training.skipped,
-                        trimmed=training.trimmed, state=state, notes=training.notes)
+                        trimmed=training.trimmed, state=state,
+                        notes=training.notes + ([scoring_note] if scoring_note else []))
 
 
 # ------------------------------------------------------------------------------------------------------ run
