@@ -181,6 +181,10 @@ class DataConfig:
     """Where worked examples for the teacher come from (None: the training samples)."""
     num_fewshot: int = 0
     """Worked examples shown to the teacher before each question (0: teacher input equals student input)."""
+    fewshot_sets: int = 0
+    """Shared shot sets: M > 0 draws M fixed disjoint sets of num_fewshot shots once (from ``seed``) and gives each
+    sample one of them (from seed + index; never one holding the sample itself), so samples of a set share the
+    teacher prefix and stage one computes it once per set (vLLM prefix cache). 0: shots drawn per sample."""
     max_seq_len: int = 2048
     """Longest student sequence; longer few-shot teacher contexts drop shots first, then the sample is skipped."""
     max_teacher_len: Optional[int] = None

@@ -78,6 +78,10 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     _check(0 <= s.lora.dropout < 1, source, "student.lora.dropout", "must be in [0, 1)")
     _validate_quant(cfg, source)
     _positive(d.num_fewshot, source, "data.num_fewshot", allow_zero=True)
+    _positive(d.fewshot_sets, source, "data.fewshot_sets", allow_zero=True)
+    _check(d.fewshot_sets == 0 or d.num_fewshot > 0, source, "data.fewshot_sets",
+           f"={d.fewshot_sets} shares shot sets but data.num_fewshot is 0; set data.num_fewshot > 0 or "
+           "data.fewshot_sets: 0")
     _positive(d.max_seq_len, source, "data.max_seq_len")
     if d.max_samples is not None:
         _positive(d.max_samples, source, "data.max_samples")

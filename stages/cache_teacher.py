@@ -130,6 +130,9 @@ def _check_existing(path: str, meta: dict, overwrite: bool, repair: bool = False
         raise CacheMismatchError(f"cache.path={path!r} holds a cache of format_version {version!r}, which this "
                                  "code cannot read; pass --overwrite to replace it or choose another cache.path")
     differing = identity_differences(existing, meta)
+    sets_then, sets_now = existing.get("fewshot_sets", 0), meta.get("fewshot_sets", 0)
+    if differing and sets_then != sets_now:  # name the setting, not only the fingerprint it changes
+        differing.append(f"data.fewshot_sets: {sets_then} in the cache, {sets_now} now")
     if differing:
         raise CacheMismatchError(f"cache.path={path!r} holds a cache made from other inputs ({', '.join(differing)} "
                                  "differ); pass --overwrite to replace it or choose another cache.path")
@@ -163,7 +166,8 @@ def setup(cfg: Config, overwrite: bool = False, repair: bool = False) -> StageOn
     meta = {"fingerprints": fingerprints,
             "top_k": cfg.teacher.top_k, "logprob_mode": cfg.teacher.logprob_mode,
             "config": config_to_dict(cfg), "teacher_model": cfg.teacher.model, "backend": cfg.teacher.backend,
-            "num_fewshot": cfg.data.num_fewshot, "skipped_samples": len(training.skipped),
+            "num_fewshot": cfg.data.num_fewshot, "fewshot_sets": cfg.data.fewshot_sets,
+            "skipped_samples": len(training.skipped),
             "sources": training.sources, "source_formats": training.formats,
             "temperatures": requested_temperatures(cfg), "encoding": encoding_meta(cfg.cache.encoding)}
     if served:

@@ -42,6 +42,8 @@ SPAN_EXACT_ARCHITECTURES = (
 LOGIT_TRANSFORM_KEYS = ("logit_scale", "logits_scaling", "scale_emb", "dim_model_base", "output_multiplier_scale")
 """Config keys of architectures that rescale hidden states or logits after the final norm (Cohere, Granite,
 MiniCPM, ...): a span path with the plain lm_head would return another distribution."""
+PREFIX_KEY_TOKENS = 32
+"""Prompts whose first 32 tokens agree are taken to share a prefix (a shot set) when ordering the work."""
 SPAN_ENCODE_TOKENS = 65536
 """Prompt tokens per ``llm.encode`` call: bounds the fp32 hidden states held at once to [65536, H]."""
 
@@ -95,6 +97,18 @@ def load_logit_head(model: str, model_config: dict, device: torch.device) -> Log
     return LogitHead(lm_head, text_config.get("final_logit_softcapping"))
 
 
+def prefix_leader_waves(prompts: list[list[int]]) -> list[list[int]]:
+    """Prompt indices in two waves: the first prompt of each shared prefix, then all others. vLLM only reads
+    prefix blocks already computed, so the followers must be scheduled after their leader has run."""
+    seen: set[tuple[int, ...]] = set()
+    leaders, followers = [], []
+    for index, prompt in enumerate(prompts):
+        key = tuple(prompt[:PREFIX_KEY_TOKENS])
+        (followers if key in seen else leaders).append(index)
+        seen.add(key)
+    return [wave for wave in (leaders, followers) if wave]
+
+
 def predicting_rows(hidden: torch.Tensor, num_cached: int, prompt_length: int,
                     positions: np.ndarray) -> torch.Tensor | None:
     """Rows of ``hidden`` [T - num_cached, H] (positions num_cached..T-1) that predict ``positions`` [n], i.e.
@@ -143,17 +157,20 @@ class VLLMSpanTeacherBackend:
     def _hidden_rows(self, prompts: list[list[int]], positions: list[np.ndarray]) -> list[torch.Tensor]:
         """[n_i, H] predicting rows per prompt, through the prefix cache (uncached again where it covers them)."""
         rows: list[torch.Tensor | None] = [None] * len(prompts)
-        pending = list(range(len(prompts)))
-        for params in (self.cached_params, self.uncached_params):
-            if not pending:
-                break
-            outputs = self.llm.encode([{"prompt_token_ids": prompts[i]} for i in pending], pooling_params=params,
-                                      pooling_task="token_embed", use_tqdm=False)
-            for index, output in zip(pending, outputs):
-                cached = int(output.num_cached_tokens or 0) if params is self.cached_params else 0
-                rows[index] = predicting_rows(output.outputs.data, cached, len(prompts[index]), positions[index])
-            pending = [index for index in pending if rows[index] is None]
+        for wave in prefix_leader_waves(prompts):
+            self._encode_into(rows, wave, prompts, positions, self.cached_params)
+        pending = [index for index, found in enumerate(rows) if found is None]
+        if pending:
+            self._encode_into(rows, pending, prompts, positions, self.uncached_params)
         return rows  # type: ignore[return-value]
+
+    def _encode_into(self, rows: list, indices: list[int], prompts: list[list[int]], positions: list[np.ndarray],
+                     params) -> None:
+        outputs = self.llm.encode([{"prompt_token_ids": prompts[i]} for i in indices], pooling_params=params,
+                                  pooling_task="token_embed", use_tqdm=False)
+        for index, output in zip(indices, outputs):
+            cached = int(output.num_cached_tokens or 0) if params is self.cached_params else 0
+            rows[index] = predicting_rows(output.outputs.data, cached, len(prompts[index]), positions[index])
 
     def score(self, requests: list[ScoreRequest], temperatures: Sequence[float] = ()) -> list[ScoreResult]:
         """Hidden states for all requests (in encode calls of <= SPAN_ENCODE_TOKENS tokens), then the lm_head,
