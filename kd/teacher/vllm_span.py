@@ -31,6 +31,7 @@ from safetensors import safe_open
 from kd.config import TeacherConfig
 from kd.errors import TeacherConfigError
 from kd.teacher.logit_rows import LogitHead, targets_from_hidden_rows
+from kd.teacher.shared_prefix import prefix_leader_waves
 from kd.teacher.types import ScoreRequest, ScoreResult, check_top_k_fits, checked_request_arrays, empty_result
 from kd.teacher.vllm_backend import common_engine_args, import_vllm_for, shutdown_engine
 
@@ -42,8 +43,6 @@ SPAN_EXACT_ARCHITECTURES = (
 LOGIT_TRANSFORM_KEYS = ("logit_scale", "logits_scaling", "scale_emb", "dim_model_base", "output_multiplier_scale")
 """Config keys of architectures that rescale hidden states or logits after the final norm (Cohere, Granite,
 MiniCPM, ...): a span path with the plain lm_head would return another distribution."""
-PREFIX_KEY_TOKENS = 32
-"""Prompts whose first 32 tokens agree are taken to share a prefix (a shot set) when ordering the work."""
 SPAN_ENCODE_TOKENS = 65536
 """Prompt tokens per ``llm.encode`` call: bounds the fp32 hidden states held at once to [65536, H]."""
 
@@ -95,18 +94,6 @@ def load_logit_head(model: str, model_config: dict, device: torch.device) -> Log
     lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
     return LogitHead(lm_head, text_config.get("final_logit_softcapping"))
-
-
-def prefix_leader_waves(prompts: list[list[int]]) -> list[list[int]]:
-    """Prompt indices in two waves: the first prompt of each shared prefix, then all others. vLLM only reads
-    prefix blocks already computed, so the followers must be scheduled after their leader has run."""
-    seen: set[tuple[int, ...]] = set()
-    leaders, followers = [], []
-    for index, prompt in enumerate(prompts):
-        key = tuple(prompt[:PREFIX_KEY_TOKENS])
-        (followers if key in seen else leaders).append(index)
-        seen.add(key)
-    return [wave for wave in (leaders, followers) if wave]
 
 
 def predicting_rows(hidden: torch.Tensor, num_cached: int, prompt_length: int,

@@ -11,14 +11,8 @@ from transformers import AutoModelForCausalLM
 from kd.config import TeacherConfig
 from kd.errors import TeacherConfigError
 from kd.teacher.factory import resolve_scoring
-from kd.teacher.vllm_span import (
-    PREFIX_KEY_TOKENS,
-    load_logit_head,
-    predicting_rows,
-    prefix_leader_waves,
-    read_model_config,
-    span_refusal,
-)
+from kd.teacher.shared_prefix import PREFIX_KEY_TOKENS, prefix_leader_waves
+from kd.teacher.vllm_span import load_logit_head, predicting_rows, read_model_config, span_refusal
 from pipeline.config_loader import ASSETS_DIR
 
 QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "tie_word_embeddings": True}
