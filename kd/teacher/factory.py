@@ -43,7 +43,7 @@ def resolve_scoring(teacher: TeacherConfig, model_config: dict) -> tuple[str, st
     """
     from kd.teacher.vllm_span import span_refusal
 
-    refusal = span_refusal(model_config) if teacher.scoring in ("auto", "span") else None
+    refusal = span_refusal(model_config, teacher.model) if teacher.scoring in ("auto", "span") else None
     if teacher.scoring == "span" and refusal:
         raise TeacherConfigError(f"teacher.scoring=span: {teacher.model}: {refusal}; "
                                  "use teacher.scoring=prompt_logprobs (or auto)")

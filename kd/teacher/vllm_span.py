@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from transformers import AutoConfig
 
 from kd.config import TeacherConfig
 from kd.errors import TeacherConfigError
@@ -43,12 +44,14 @@ SPAN_EXACT_ARCHITECTURES = (
 LOGIT_TRANSFORM_KEYS = ("logit_scale", "logits_scaling", "scale_emb", "dim_model_base", "output_multiplier_scale")
 """Config keys of architectures that rescale hidden states or logits after the final norm (Cohere, Granite,
 MiniCPM, ...): a span path with the plain lm_head would return another distribution."""
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 SPAN_ENCODE_TOKENS = 65536
 """Prompt tokens per ``llm.encode`` call: bounds the fp32 hidden states held at once to [65536, H]."""
 
 
-def span_refusal(model_config: dict) -> str | None:
-    """Why the span path cannot reproduce this teacher's logits (None: it can). ``model_config``: config.json."""
+def span_refusal(model_config: dict, model_dir: str | None = None) -> str | None:
+    """Why the span path cannot reproduce this teacher's logits (None: it can). ``model_config``: config.json;
+    ``model_dir``: where the checkpoint is (the span path reads its lm_head from the safetensors files)."""
     text_config = model_config.get("text_config") or model_config
     architectures = model_config.get("architectures") or ["<none>"]
     if architectures[0] not in SPAN_EXACT_ARCHITECTURES:
@@ -57,13 +60,17 @@ def span_refusal(model_config: dict) -> str | None:
     transforms = [key for key in LOGIT_TRANSFORM_KEYS if text_config.get(key) not in (None, 1, 1.0)]
     if transforms:
         return f"its config scales logits beyond lm_head ({', '.join(transforms)})"
+    if model_dir is not None and not any((Path(model_dir) / name).is_file() for name in SAFETENSORS_FILES):
+        return "it is not a local directory with a safetensors checkpoint (the span path reads the lm_head there)"
     return None
 
 
 def read_model_config(model: str) -> dict:
-    """config.json of a local model directory ({} when it has none: the engine reports that itself)."""
-    path = Path(model) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The teacher's config as a dict, as stage one reads it ({} when unreadable: the engine reports that)."""
+    try:
+        return AutoConfig.from_pretrained(model).to_dict()
+    except (OSError, ValueError):
+        return {}
 
 
 def _checkpoint_tensor_files(model_dir: Path) -> dict[str, Path]:
@@ -119,7 +126,7 @@ class VLLMSpanTeacherBackend:
 
         self.teacher, self.top_k = teacher, teacher.top_k
         model_config = read_model_config(teacher.model)
-        refusal = span_refusal(model_config)
+        refusal = span_refusal(model_config, teacher.model)
         if refusal:
             raise TeacherConfigError(f"teacher.scoring=span: {teacher.model} cannot be scored on the span path: "
                                      f"{refusal}; use teacher.scoring=prompt_logprobs")

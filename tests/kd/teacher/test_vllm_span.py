@@ -26,14 +26,16 @@ def test_span_refuses_architectures_it_cannot_reproduce():
 
 
 def test_resolve_scoring_refuses_span_and_falls_back_from_auto_saying_so():
-    scaled = {**QWEN3, "logits_scaling": 8.0}
-    with pytest.raises(TeacherConfigError, match=r"teacher.scoring=span: m: .*logits_scaling.*use teacher.scoring="
+    scaled, local = {**QWEN3, "logits_scaling": 8.0}, str(ASSETS_DIR / "tiny" / "teacher")
+    with pytest.raises(TeacherConfigError, match=r"teacher.scoring=span: .*logits_scaling.*use teacher.scoring="
                                                  r"prompt_logprobs"):
-        resolve_scoring(TeacherConfig(model="m", scoring="span"), scaled)
-    scoring, note = resolve_scoring(TeacherConfig(model="m", scoring="auto"), scaled)
+        resolve_scoring(TeacherConfig(model=local, scoring="span"), scaled)
+    scoring, note = resolve_scoring(TeacherConfig(model=local, scoring="auto"), scaled)
     assert scoring == "prompt_logprobs" and "scoring with prompt_logprobs instead" in note
-    assert resolve_scoring(TeacherConfig(model="m"), QWEN3) == ("span", None)
-    assert resolve_scoring(TeacherConfig(model="m", scoring="prompt_logprobs"), scaled) == ("prompt_logprobs", None)
+    assert resolve_scoring(TeacherConfig(model=local), QWEN3) == ("span", None)
+    assert resolve_scoring(TeacherConfig(model=local, scoring="prompt_logprobs"), scaled) == ("prompt_logprobs", None)
+    # a hub id (no local checkpoint to read the lm_head from): auto scores with prompt_logprobs
+    assert resolve_scoring(TeacherConfig(model="Qwen/Qwen3-8B"), QWEN3)[0] == "prompt_logprobs"
 
 
 @pytest.mark.parametrize("which", ["tied", "untied"])
