@@ -32,7 +32,7 @@ def stage_one_table(result: dict[str, Any]) -> list[str]:
                          f"{_pm(row['prompt_logprobs']['tokens_per_s'])} | "
                          f"{_pm(row['prefill']['tokens_per_s'])} | {_x(r['cache_teacher_over_prompt_logprobs'])} | "
                          f"{_x(r['cache_teacher_over_prefill'])} |")
-    if "vllm" in result["results"]:
+    if "rows" in result["results"].get("vllm", {}):
         lines += [""] + stage_one_scorings_table(result["results"]["vllm"])
     return lines
 
@@ -42,9 +42,9 @@ def stage_one_scorings_table(data: dict[str, Any]) -> list[str]:
     def cell(figures: dict[str, Any]) -> str:
         return f"{_pm(figures['tokens_per_s'])} ({figures['peak_extra_mb']:,.0f})"
 
-    lines = ["| stage one (vllm): shots, sets, K | mean prompt tokens | span tok/s (MiB) | prompt_logprobs tok/s "
-             "(MiB) | prefill-only tok/s (MiB) | hf span tok/s (MiB) | span / prompt_logprobs | span / prefill |",
-             "|---|---|---|---|---|---|---|---|"]
+    header = ("| stage one (vllm): shots, sets, K | mean prompt tokens | span tok/s (MiB) | prompt_logprobs tok/s "
+              "(MiB) | prefill-only tok/s (MiB) | hf span tok/s (MiB) | span / prompt_logprobs | span / prefill |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for name, row in data["rows"].items():
         r = row["ratios"]
         lines.append(f"| {name} | {row['mean_prompt_tokens']:.0f} | {cell(row['span'])} | "
