@@ -23,6 +23,8 @@ def stage_one_table(result: dict[str, Any]) -> list[str]:
              "| prefill-only tok/s | cache-teacher / plain | cache-teacher / prefill |",
              "|---|---|---|---|---|---|---|"]
     for backend, data in result["results"].items():
+        if "rows" in data:  # vllm: the scorings table below
+            continue
         for shots, row in data["shots"].items():
             r = row["ratios"]
             lines.append(f"| {backend}, {shots}-shot | {row['mean_prompt_tokens']:.0f} | "
@@ -30,6 +32,31 @@ def stage_one_table(result: dict[str, Any]) -> list[str]:
                          f"{_pm(row['prompt_logprobs']['tokens_per_s'])} | "
                          f"{_pm(row['prefill']['tokens_per_s'])} | {_x(r['cache_teacher_over_prompt_logprobs'])} | "
                          f"{_x(r['cache_teacher_over_prefill'])} |")
+    if "rows" in result["results"].get("vllm", {}):
+        lines += [""] + stage_one_scorings_table(result["results"]["vllm"])
+    return lines
+
+
+def stage_one_scorings_table(data: dict[str, Any]) -> list[str]:
+    """vLLM span path vs prompt_logprobs vs prefill-only (and the hf span path): tok/s (peak extra MiB)."""
+    def cell(figures: dict[str, Any]) -> str:
+        return f"{_pm(figures['tokens_per_s'])} ({figures['peak_extra_mb']:,.0f})"
+
+    header = ("| stage one (vllm): shots, sets, K | mean prompt tokens | span tok/s (MiB) | prompt_logprobs tok/s "
+              "(MiB) | prefill-only tok/s (MiB) | hf span tok/s (MiB) | span / prompt_logprobs | span / prefill |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for name, row in data["rows"].items():
+        r = row["ratios"]
+        lines.append(f"| {name} | {row['mean_prompt_tokens']:.0f} | {cell(row['span'])} | "
+                     f"{cell(row['prompt_logprobs'])} | {cell(row['prefill'])} | {cell(row['hf_span'])} | "
+                     f"{_x(r['span_over_prompt_logprobs'])} | {_x(r['span_over_prefill'])} |")
+    long = data["long_prompt"]
+    lines.append(f"| long prompt ({long['context_tokens']} tokens, 32 scored), seconds (MiB) | | "
+                 + " | ".join(f"{long[c]['seconds']:.2f} s ({long[c]['peak_extra_mb']:,.0f})"
+                              for c in ("span", "prompt_logprobs")) + " | | "
+                 + f"{long['hf_span']['seconds']:.2f} s ({long['hf_span']['peak_extra_mb']:,.0f}) | | |")
+    starts = ", ".join(f"{k} {v:.0f} s" for k, v in data["engine_start_s"].items())
+    lines.append(f"\nEngine starts (not in any throughput): {starts}.")
     return lines
 
 

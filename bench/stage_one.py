@@ -1,6 +1,8 @@
 """Stage-one throughput: ``pipeline cache-teacher``'s scoring path against the same engine's plain loops.
 
-For each backend and each shot count, on the same prompts (the teacher sequences stage one builds, cut after
+``vllm`` is measured by :mod:`bench.stage_one_span` (span path vs prompt_logprobs vs prefill-only, with and
+without shared shot sets, two K, the hf span path beside them, peak memory per condition). For ``hf`` and
+each shot count, on the same prompts (the teacher sequences stage one builds, cut after
 the last scored position as stage one sends them), three conditions run interleaved, ``repeats`` rounds after
 one untimed warm-up round, with ONE engine per backend (its start is reported, not timed into throughput):
 
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bench.records import BenchResult, ratio, spread
+from bench.stage_one_span import measure_vllm_scorings
 from bench.workspace import BenchSettings, bench_config, config_record
 
 CONDITIONS = ("cache_teacher", "prompt_logprobs", "prefill")
@@ -53,21 +56,6 @@ def _run_pipeline(plan) -> None:
         for part_id, shard in enumerate(plan.shards):
             score_shard(plan.cfg.teacher, plan.cfg.seed, path, part_id, shard)
         writer.finalize()
-
-
-class _VLLMLoops:
-    """The plain vLLM loops on the engine stage one loaded."""
-
-    def __init__(self, backend) -> None:
-        import vllm
-
-        self.llm = backend.llm
-        self.logprobs = vllm.SamplingParams(max_tokens=1, prompt_logprobs=backend.top_k, detokenize=False)
-        self.prefill_only = vllm.SamplingParams(max_tokens=1, detokenize=False)
-
-    def run(self, condition: str, prompts: list[list[int]]) -> None:
-        params = self.logprobs if condition == "prompt_logprobs" else self.prefill_only
-        self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
 
 class _HFLoops:
@@ -126,7 +114,7 @@ def _measure_backend(settings: BenchSettings, backend_name: str) -> dict[str, An
         plans[shots] = setup(cfg, overwrite=True)
     try:
         backend, start_seconds = _load_engine(plans[settings.shots[0]].cfg)
-        loops = _VLLMLoops(backend) if backend_name == "vllm" else _HFLoops(backend)
+        loops = _HFLoops(backend)
         seconds: dict[tuple[int, str], list[float]] = {(s, c): [] for s in settings.shots for c in CONDITIONS}
         for round_index in range(settings.repeats + 1):  # round 0 is the warm-up
             for shots, plan in plans.items():
@@ -168,14 +156,23 @@ def run_stage_one(settings: BenchSettings) -> BenchResult:
                                 "scored_positions_per_s": "distilled positions per second",
                                 "seconds": "wall seconds per pass over all samples",
                                 "engine_start_s": "seconds, one engine load (not in any throughput)",
+                                "peak_rss_mb": "MiB, Σ VmHWM of this process and its engine processes",
+                                "peak_extra_mb": "MiB, Σ (VmHWM − RSS before the condition) over the same",
                                 "rel_spread": "(max - min) / median over repeats",
                                 "ratios": "medians divided (dimensionless)"},
                          notes=["Conditions run interleaved on one engine per backend: warm-up round, then "
                                 f"{settings.repeats} timed rounds.",
+                                "vllm: rows (shots, data.fewshot_sets, K) of the span path, the plain "
+                                "prompt_logprobs loop, prefill-only and the hf span path on engines loaded once "
+                                "(bench/stage_one_span.py); peak_extra_mb = high-water RSS over the loaded "
+                                "engines' RSS, summed over this process and the engine processes.",
                                 "cache_teacher = score + parse top-K + write/commit Zarr parts (stage one's own "
                                 "code path); prompt_logprobs and prefill only call the engine."])
     started = time.perf_counter()
     for backend_name in settings.backends:
-        result.results[backend_name] = _measure_backend(settings, backend_name)
+        if backend_name == "vllm":  # the vLLM scorings (span, prompt_logprobs, prefill) with the hf span path
+            result.results[backend_name] = measure_vllm_scorings(settings)
+        else:
+            result.results[backend_name] = _measure_backend(settings, backend_name)
     result.seconds = round(time.perf_counter() - started, 1)
     return result

@@ -61,6 +61,10 @@ class TeacherConfig:
     backend: str = "vllm"
     """Scoring engine: ``vllm`` (offline LLM, prompt_logprobs), ``hf`` (transformers forward) or ``server``
     (running vLLM servers, ``teacher.server``; ``teacher.model`` then only provides the tokenizer and config)."""
+    scoring: str = "auto"
+    """``vllm``: ``span`` (the pooling runner's final hidden states, the teacher's lm_head + log-softmax + top-K
+    only at the scored rows; prefix cache on), ``prompt_logprobs`` (vLLM's own logprobs at every prompt
+    position), or ``auto``: span where the architecture's logits are reproducible, else prompt_logprobs."""
     top_k: int = 64
     """K: how many of the teacher's most likely next tokens are cached per distilled position."""
     dtype: str = "auto"
@@ -70,7 +74,7 @@ class TeacherConfig:
     max_batch_tokens: int = 8192
     """``hf``: token budget of one forward batch (length-sorted)."""
     logprob_chunk: int = 1024
-    """``hf``: rows per lm_head / log_softmax / top-K chunk at scored positions (bounds fp32 logits memory)."""
+    """``hf`` and the vllm span path: rows per lm_head / log_softmax / top-K chunk at scored positions (bounds fp32 logits memory)."""
     tensor_parallel_size: int = 1
     """``vllm``: GPUs per engine."""
     gpu_memory_utilization: float = 0.85
@@ -177,6 +181,10 @@ class DataConfig:
     """Where worked examples for the teacher come from (None: the training samples)."""
     num_fewshot: int = 0
     """Worked examples shown to the teacher before each question (0: teacher input equals student input)."""
+    fewshot_sets: int = 0
+    """Shared shot sets: M > 0 draws M fixed disjoint sets of num_fewshot shots once (from ``seed``) and gives each
+    sample one of them (from seed + index; never one holding the sample itself), so samples of a set share the
+    teacher prefix and stage one computes it once per set (vLLM prefix cache). 0: shots drawn per sample."""
     max_seq_len: int = 2048
     """Longest student sequence; longer few-shot teacher contexts drop shots first, then the sample is skipped."""
     max_teacher_len: Optional[int] = None

@@ -31,6 +31,7 @@ from kd.teacher.factory import (
     EXACT_TEMPERING_BACKENDS,
     SAMPLED_TARGET_BACKENDS,
     TEACHER_BACKENDS,
+    TEACHER_SCORINGS,
     requested_temperatures,
 )
 from kd.teacher.server_client import SERVER_URL_SCHEMES
@@ -58,6 +59,7 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     """Check ranges, allowed values and combinations; raise ConfigError naming the key. Returns ``cfg``."""
     t, s, d, c, tr = cfg.teacher, cfg.student, cfg.data, cfg.cache, cfg.train
     _one_of(t.backend, TEACHER_BACKENDS, source, "teacher.backend")
+    _one_of(t.scoring, TEACHER_SCORINGS, source, "teacher.scoring")
     _one_of(t.dtype, TEACHER_DTYPES, source, "teacher.dtype")
     _one_of(t.logprob_mode, LOGPROB_MODES, source, "teacher.logprob_mode")
     _positive(t.top_k, source, "teacher.top_k")
@@ -78,6 +80,10 @@ def validate_config(cfg: Config, source: str = "<config>") -> Config:
     _check(0 <= s.lora.dropout < 1, source, "student.lora.dropout", "must be in [0, 1)")
     _validate_quant(cfg, source)
     _positive(d.num_fewshot, source, "data.num_fewshot", allow_zero=True)
+    _positive(d.fewshot_sets, source, "data.fewshot_sets", allow_zero=True)
+    _check(d.fewshot_sets == 0 or d.num_fewshot > 0, source, "data.fewshot_sets",
+           f"={d.fewshot_sets} shares shot sets but data.num_fewshot is 0; set data.num_fewshot > 0 or "
+           "data.fewshot_sets: 0")
     _positive(d.max_seq_len, source, "data.max_seq_len")
     if d.max_samples is not None:
         _positive(d.max_samples, source, "data.max_samples")

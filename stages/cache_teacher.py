@@ -45,7 +45,7 @@ from kd.config import Config, TeacherConfig, config_to_dict
 from kd.data.sequences import AlignedSample
 from kd.data.training_set import build_training_set, training_set_fingerprints
 from kd.errors import DataError, TeacherConfigError, TeacherServerError, UserError
-from kd.teacher.factory import load_backend, requested_temperatures
+from kd.teacher.factory import load_backend, requested_temperatures, resolve_scoring
 from kd.teacher.server_backend import describe_servers, server_identity, server_length_limit
 from kd.teacher.types import SamplingSpec, ScoreRequest, check_top_k_fits
 from kd.tokenizer import load_tokenizer
@@ -141,6 +141,9 @@ def _check_existing(path: str, meta: dict, overwrite: bool, repair: bool = False
         raise CacheMismatchError(f"cache.path={path!r} holds a cache of format_version {version!r}, which this "
                                  "code cannot read; pass --overwrite to replace it or choose another cache.path")
     differing = identity_differences(existing, meta)
+    sets_then, sets_now = existing.get("fewshot_sets", 0), meta.get("fewshot_sets", 0)
+    if differing and sets_then != sets_now:  # name the setting, not only the fingerprint it changes
+        differing.append(f"data.fewshot_sets: {sets_then} in the cache, {sets_now} now")
     if differing:
         raise CacheMismatchError(f"cache.path={path!r} holds a cache made from other inputs ({', '.join(differing)} "
                                  "differ); pass --overwrite to replace it or choose another cache.path")
@@ -165,6 +168,8 @@ def setup(cfg: Config, overwrite: bool = False, repair: bool = False) -> StageOn
                         "different tokenizers; cached token ids would mean different things to the student")
     check_top_k_fits(cfg.teacher.top_k, len(tokenizer), cfg.teacher.model)
     model_config = _model_config(cfg.teacher.model)
+    # teacher.scoring=span on an architecture it cannot reproduce stops here, before anything is written.
+    scoring_note = resolve_scoring(cfg.teacher, model_config)[1] if cfg.teacher.backend == "vllm" else None
     served = _served_identity(cfg, tokenizer)
     training = build_training_set(cfg.data, cfg.seed, tokenizer, _teacher_length_limit(cfg, model_config, served))
     if not training.built:
@@ -177,7 +182,8 @@ def setup(cfg: Config, overwrite: bool = False, repair: bool = False) -> StageOn
     meta = {"fingerprints": fingerprints,
             "top_k": _cache_top_k(cfg), "logprob_mode": cfg.teacher.logprob_mode,
             "config": config_to_dict(cfg), "teacher_model": cfg.teacher.model, "backend": cfg.teacher.backend,
-            "num_fewshot": cfg.data.num_fewshot, "skipped_samples": len(training.skipped),
+            "num_fewshot": cfg.data.num_fewshot, "fewshot_sets": cfg.data.fewshot_sets,
+            "skipped_samples": len(training.skipped),
             "sources": training.sources, "source_formats": training.formats,
             "temperatures": requested_temperatures(cfg), "encoding": encoding_meta(cfg.cache.encoding),
             "targets": targets_meta(cfg.cache.targets, cfg.cache.samples_per_position, cfg.train.temperature)}
@@ -189,7 +195,8 @@ def setup(cfg: Config, overwrite: bool = False, repair: bool = False) -> StageOn
     vocab_size = max(int(model_config.get("vocab_size") or 0), len(tokenizer))
     state = _check_existing(cfg.cache.path, meta, overwrite, repair)
     return StageOnePlan(cfg, shards, meta, vocab_size, skipped=training.skipped,
-                        trimmed=training.trimmed, state=state, notes=training.notes)
+                        trimmed=training.trimmed, state=state,
+                        notes=training.notes + ([scoring_note] if scoring_note else []))
 
 
 # ------------------------------------------------------------------------------------------------------ run

@@ -36,6 +36,7 @@ position ``p`` are the model outputs at ``p - 1``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -207,3 +208,37 @@ def draw_shots(pool_size: int, num_fewshot: int, seed: int, sample_index: int, e
     drawn = rng.choice(available, size=num_fewshot, replace=False)
     # Draw from the pool with `exclude` removed, then shift indices at or past it up by one.
     return [int(i) + 1 if excluded and i >= exclude else int(i) for i in drawn]
+
+
+SHOT_SET_STREAM = 0x5E75
+"""Second word of the generator seed of the shared shot sets, so they are not the per-sample draw of any index."""
+
+
+@lru_cache(maxsize=8)
+def draw_shot_sets(pool_size: int, num_fewshot: int, num_sets: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    """``num_sets`` disjoint sets of ``num_fewshot`` pool indices, drawn once from ``seed`` (``data.fewshot_sets``).
+
+    Disjoint, so a sample that is itself in the pool sits in at most one set and every other set is open to it;
+    this needs ``num_sets * num_fewshot <= pool_size``.
+    """
+    if num_fewshot <= 0 or num_sets <= 0:
+        raise ValueError(f"shot sets need num_fewshot > 0 and num_sets > 0, got {num_fewshot} and {num_sets}")
+    if num_sets * num_fewshot > pool_size:
+        raise ValueError(
+            f"data.fewshot_sets={num_sets} disjoint sets of data.num_fewshot={num_fewshot} shots need "
+            f"{num_sets * num_fewshot} worked examples but the shot pool has {pool_size}; lower data.fewshot_sets "
+            "or data.num_fewshot, or use a larger shot pool")
+    drawn = np.random.default_rng([seed, SHOT_SET_STREAM]).permutation(pool_size)[: num_sets * num_fewshot]
+    return tuple(tuple(int(i) for i in drawn[m * num_fewshot:(m + 1) * num_fewshot]) for m in range(num_sets))
+
+
+def assign_shot_set(shot_sets: tuple[tuple[int, ...], ...], seed: int, sample_index: int,
+                    exclude: int | None) -> int:
+    """The set a sample's teacher prompt uses: drawn from (seed, sample_index) among the sets without ``exclude``
+    (the sample itself in the pool), so it does not depend on which other samples are processed or where."""
+    open_sets = [m for m, shots in enumerate(shot_sets) if exclude not in shots]
+    if not open_sets:
+        raise ValueError(f"data.fewshot_sets={len(shot_sets)}: sample {sample_index} is a shot of every set; "
+                         "use data.fewshot_sets >= 2")
+    rng = np.random.default_rng([seed, sample_index, SHOT_SET_STREAM])
+    return open_sets[int(rng.integers(len(open_sets)))]

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field, replace
 
 from kd.data.chat import chat_pair, conversations
 from kd.data.formats import Record
-from kd.data.prompting import PromptPair, answer_ids, bos_prefix, draw_shots, pair_from_ids, prompt_ids
+from kd.data.prompting import (
+    PromptPair,
+    answer_ids,
+    assign_shot_set,
+    bos_prefix,
+    draw_shot_sets,
+    draw_shots,
+    pair_from_ids,
+    prompt_ids,
+)
 from kd.errors import DataError
 
 
@@ -42,6 +51,8 @@ class AlignedSample:
     """Shots actually used (fewer than asked when the teacher context was trimmed)."""
     source: str | None = None
     """Name of the data source (mixture entry) the sample was drawn from; recorded in the cache."""
+    shot_set: int | None = None
+    """``data.fewshot_sets``: the shared shot set the teacher prompt uses (None: shots drawn for this sample)."""
 
 
 @dataclass
@@ -92,6 +103,7 @@ class RecordSettings:
     window_stride: int | None = None
     system_prompt: str | None = None
     teacher_system_prompt: str | None = None
+    fewshot_sets: int = 0
 
 
 def token_windows(ids: list[int], mask: list[bool], max_len: int, stride: int) -> list[tuple[list[int], list[int]]]:
@@ -136,11 +148,25 @@ def _build_document(record: Record, tokenizer, max_seq_len: int, stride: int, re
         report.built.append(AlignedSample(sample_id, pair, 0))
 
 
-def _accept(record: Record, pair: PromptPair, shots_kept: int, shots_drawn: int, report: SequenceReport) -> None:
+def _accept(record: Record, pair: PromptPair, shots_kept: int, shots_drawn: int, report: SequenceReport,
+            shot_set: int | None = None) -> None:
     """Add a built pair to the report (counted as trimmed when it lost shots), after the alignment guard."""
     report.trimmed += int(shots_kept < shots_drawn)
     check_alignment(record.sample_id, pair)
-    report.built.append(AlignedSample(record.sample_id, pair, shots_kept))
+    report.built.append(AlignedSample(record.sample_id, pair, shots_kept, shot_set=shot_set))
+
+
+def _draw(record: Record, pool_size: int, settings: RecordSettings, exclude: int | None) -> tuple[list[int], int | None]:
+    """(pool indices of the record's shots, its shared shot set or None): one of ``data.fewshot_sets`` fixed
+    sets, else the per-sample draw."""
+    if not (settings.fewshot_sets and settings.num_fewshot):
+        return draw_shots(pool_size, settings.num_fewshot, settings.seed, record.row_index, exclude), None
+    shot_sets = draw_shot_sets(pool_size, settings.num_fewshot, settings.fewshot_sets, settings.seed)
+    try:
+        shot_set = assign_shot_set(shot_sets, settings.seed, record.row_index, exclude)
+    except ValueError as problem:
+        raise DataError(f"{record.location}: {problem}") from None
+    return list(shot_sets[shot_set]), shot_set
 
 
 def _skip_teacher_too_long(record: Record, settings: RecordSettings, report: SequenceReport) -> None:
@@ -160,12 +186,13 @@ def _build_question_answer(record: Record, tokenizer, pool: list[tuple[str, str]
         report.skipped.append(f"{record.sample_id}: student sequence has {len(student_prompt) + len(answer)} "
                               f"tokens > data.max_seq_len={settings.max_seq_len}")
         return
-    indices = draw_shots(len(pool), settings.num_fewshot, settings.seed, record.row_index, pool_index.get(question))
+    indices, shot_set = _draw(record, len(pool), settings, pool_index.get(question))
     shots = [pool[i] for i in indices]
     for keep in range(len(shots), -1, -1):
         teacher_prompt = prompt_ids(tokenizer, question, shots[:keep]) if keep else student_prompt
         if settings.max_teacher_len is None or len(teacher_prompt) + len(answer) <= settings.max_teacher_len:
-            _accept(record, pair_from_ids(student_prompt, teacher_prompt, answer), keep, len(indices), report)
+            _accept(record, pair_from_ids(student_prompt, teacher_prompt, answer), keep, len(indices), report,
+                    shot_set)
             return
     _skip_teacher_too_long(record, settings, report)
 
@@ -183,7 +210,7 @@ def _build_chat(record: Record, tokenizer, pool: list[tuple[str, str]], pool_ind
                 settings: RecordSettings, report: SequenceReport) -> None:
     exchange = record.exchange()
     exclude = pool_index.get(exchange[0]) if exchange else None
-    indices = draw_shots(len(pool), settings.num_fewshot, settings.seed, record.row_index, exclude)
+    indices, shot_set = _draw(record, len(pool), settings, exclude)
     for keep in range(len(indices), -1, -1):
         student, teacher, distil_from = conversations(record, [pool[i] for i in indices[:keep]],
                                                       settings.system_prompt, settings.teacher_system_prompt)
@@ -196,7 +223,7 @@ def _build_chat(record: Record, tokenizer, pool: list[tuple[str, str]], pool_ind
                                   f"data.max_seq_len={settings.max_seq_len}")
             return
         if settings.max_teacher_len is None or len(pair.teacher_input_ids) <= settings.max_teacher_len:
-            _accept(record, pair, keep, len(indices), report)
+            _accept(record, pair, keep, len(indices), report, shot_set)
             return
     _skip_teacher_too_long(record, settings, report)
 
@@ -209,6 +236,11 @@ class RecordBuilder:
         self.tokenizer, self.settings = tokenizer, settings
         with_shots = settings.num_fewshot and any(r.messages is not None for r in pool)
         self.exchanges = _shot_pool(pool, settings.num_fewshot, pool[0].location) if with_shots else []
+        if self.exchanges and settings.fewshot_sets:
+            try:  # the sets are drawn once here (cached): a pool too small for them stops before any sample
+                draw_shot_sets(len(self.exchanges), settings.num_fewshot, settings.fewshot_sets, settings.seed)
+            except ValueError as problem:
+                raise DataError(f"{pool[0].location}: {problem}") from None
         self.pool_index = {question: i for i, (question, _) in enumerate(self.exchanges)}
 
     def build(self, records: list[Record]) -> SequenceReport:

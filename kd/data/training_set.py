@@ -17,14 +17,14 @@ from kd.data.sequences import RecordSettings, TrainingSet, build_record_samples,
 
 PLAIN_TEMPLATE_NAME = "plain-question-answer-v1"
 """Stands for the documented plain prompt template in fingerprints when the tokenizer has no chat template."""
-_PROMPT_KEYS = ("num_fewshot", "max_seq_len", "max_teacher_len", "system_prompt", "teacher_system_prompt",
+_PROMPT_KEYS = ("num_fewshot", "fewshot_sets", "max_seq_len", "max_teacher_len", "system_prompt", "teacher_system_prompt",
                 "window_stride", "mixture_unit", "mixture_budget")
 
 
 def record_settings(data: DataConfig, seed: int, teacher_len: int | None) -> RecordSettings:
     """The ``data.*`` settings the sequence builder needs; ``teacher_len`` is the teacher's length limit."""
     return RecordSettings(data.num_fewshot, seed, data.max_seq_len, teacher_len, data.window_stride,
-                          data.system_prompt, data.teacher_system_prompt)
+                          data.system_prompt, data.teacher_system_prompt, data.fewshot_sets)
 
 
 def single_source(spec: str, fmt: str, *, pool_spec: str | None, tokenizer, settings: RecordSettings,
@@ -77,5 +77,7 @@ def training_set_fingerprints(training: TrainingSet, data: DataConfig, seed: int
     template = tokenizer.chat_template if has_chat_template(tokenizer) else PLAIN_TEMPLATE_NAME
     prompt = {"formats": training.formats, "seed": seed, "chat_template": template,
               **{key: getattr(data, key) for key in _PROMPT_KEYS}}
+    if data.fewshot_sets:  # the assignment: which shared set each sample's teacher prompt uses
+        prompt["shot_sets"] = [s.shot_set for s in training.built]
     return {"tokenizer": tokenizer_fingerprint(tokenizer), "data": samples_fingerprint(rows),
             "prompt": json_fingerprint(prompt)}

@@ -3,9 +3,12 @@
 Per batch: run the base model (no lm_head) to get last hidden states [B, T, H], gather only the rows at the
 predicting positions tp - 1 of every request ([N, H]), then reduce them with kd.teacher.logit_rows (lm_head in
 chunks of `logprob_chunk` rows: fp32 logits -> log_softmax -> topk). The full [B, T, V] logit tensor is never built.
+Requests sharing a long prefix (``data.fewshot_sets``; found by kd.teacher.shared_prefix) run it once and their
+suffixes in batches on a copy of its ``past_key_values`` (not with relations, which need the prefix's Q/K/V).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +18,7 @@ from kd.config import TeacherConfig
 from kd.errors import TeacherConfigError
 from kd.relations import capture_projections, projection_modules, relation_matrices
 from kd.teacher.logit_rows import LogitHead, RowSampling, targets_from_hidden_rows
+from kd.teacher.shared_prefix import shared_prefix_groups
 from kd.teacher.types import (
     SamplingSpec,
     ScoreRequest,
@@ -134,6 +138,14 @@ class HFTeacherBackend:
                     self.top_k, self.relation_modules is not None, self._relation_heads(), len(temperatures),
                     sampling.draws if sampling else 0)
         scored = [index for index, length in enumerate(needed) if length > 0]
+        if self.relation_modules is None:  # relations need the prefix's projections: no reuse with them
+            for group, prefix_length in shared_prefix_groups(checked, scored):
+                group_results = self._score_on_prefix([checked[i] for i in group], [needed[i] for i in group],
+                                                      prefix_length, temperatures,
+                                                      [requests[i] for i in group], sampling)
+                for index, result in zip(group, group_results):
+                    results[index] = result
+            scored = [index for index in scored if results[index] is None]
         for batch in length_sorted_batches([needed[i] for i in scored], self.teacher.max_batch_tokens):
             indices = [scored[b] for b in batch]
             batch_results = self._score_batch([checked[i] for i in indices], [needed[i] for i in indices],
@@ -145,6 +157,44 @@ class HFTeacherBackend:
 
     def _relation_heads(self) -> int:
         return self.teacher.attention.num_heads if self.teacher.attention.enabled else 0
+
+    @torch.inference_mode()
+    def _score_on_prefix(self, arrays: list[tuple[np.ndarray, np.ndarray]], lengths: list[int], prefix_length: int,
+                         temperatures: tuple[float, ...], requests: list[ScoreRequest],
+                         sampling: SamplingSpec | None = None) -> list[ScoreResult]:
+        """Requests sharing their first ``prefix_length`` tokens: the prefix runs once, then length-sorted
+        batches of the suffixes run on a copy of its ``past_key_values``; scored rows all lie in the suffixes."""
+        prefix = torch.from_numpy(arrays[0][0][:prefix_length])[None].to(self.device)  # [1, L]
+        prefix_cache = self.decoder(input_ids=prefix, use_cache=True).past_key_values
+        results: list[ScoreResult | None] = [None] * len(arrays)
+        suffix_lengths = [length - prefix_length for length in lengths]
+        budget = max(1, self.teacher.max_batch_tokens - prefix_length)
+        for batch in length_sorted_batches(suffix_lengths, budget):
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(batch))
+            longest = max(suffix_lengths[b] for b in batch)
+            input_ids = torch.zeros((len(batch), longest), dtype=torch.long)  # [B, S]
+            attention_mask = torch.zeros((len(batch), prefix_length + longest), dtype=torch.long)  # [B, L + S]
+            attention_mask[:, :prefix_length] = 1
+            for row, b in enumerate(batch):
+                ids = arrays[b][0]
+                input_ids[row, : suffix_lengths[b]] = torch.from_numpy(ids[prefix_length : lengths[b]])
+                attention_mask[row, prefix_length : lengths[b]] = 1
+            hidden = self.decoder(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                  past_key_values=cache, use_cache=True).last_hidden_state  # [B, S, H]
+            positions = [arrays[b][1] for b in batch]
+            row_index = torch.cat([torch.full((p.size,), r, dtype=torch.long) for r, p in enumerate(positions)])
+            target_pos = torch.from_numpy(np.concatenate(positions)).long()  # [N] positions tp
+            labels = torch.from_numpy(np.concatenate([arrays[b][0][arrays[b][1]] for b in batch]))  # [N]
+            rows = hidden[row_index.to(self.device), (target_pos - 1 - prefix_length).to(self.device)]  # [N, H]
+            targets = targets_from_hidden_rows(rows, labels.to(self.device), self.head, self.top_k, temperatures,
+                                               self.teacher.logprob_chunk,
+                                               _row_sampling(sampling, [requests[b] for b in batch], positions))
+            start = 0
+            for b, scored in zip(batch, positions):
+                results[b] = _result(targets.rows(start, start + scored.size), None, temperatures)
+                start += scored.size
+        return results  # type: ignore[return-value]
 
     @torch.inference_mode()
     def _score_batch(
@@ -187,18 +237,7 @@ class HFTeacherBackend:
                     projections[name][row, target_pos[start:stop]].float() for name in ("q_proj", "k_proj", "v_proj")
                 )
                 relations = relation_matrices(q, k, v, self.teacher.attention.num_heads).cpu().numpy()
-            rows = targets.rows(start, stop)
-            results.append(
-                ScoreResult(
-                    topk_ids=rows.topk_ids,
-                    topk_logprobs=rows.topk_logprobs,
-                    label_logprobs=rows.label_logprobs,
-                    relations=relations,
-                    log_normalizers=rows.log_normalizers if temperatures else None,
-                    sampled_ids=rows.sampled_ids,
-                    sampled_counts=rows.sampled_counts,
-                )
-            )
+            results.append(_result(targets.rows(start, stop), relations, temperatures))
             start = stop
         return results
 
@@ -210,3 +249,11 @@ def _row_sampling(spec: SamplingSpec | None, requests: list[ScoreRequest],
         return None
     keys = np.concatenate([np.full(p.size, r.sample_key, np.int64) for r, p in zip(requests, positions)])
     return RowSampling(spec.draws, spec.temperature, spec.seed, keys, np.concatenate(positions))
+
+
+def _result(rows, relations: np.ndarray | None, temperatures: tuple[float, ...]) -> ScoreResult:
+    """One request's ScoreResult from its RowTargets (log-normalizers only when temperatures were asked)."""
+    return ScoreResult(topk_ids=rows.topk_ids, topk_logprobs=rows.topk_logprobs,
+                       label_logprobs=rows.label_logprobs, relations=relations,
+                       log_normalizers=rows.log_normalizers if temperatures else None,
+                       sampled_ids=rows.sampled_ids, sampled_counts=rows.sampled_counts)

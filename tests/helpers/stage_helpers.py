@@ -11,6 +11,7 @@ from cache_schema import format as fmt
 from cache_schema import open_cache
 from cache_schema.integrity import DIGESTS_KEY, part_file_digests
 from cache_schema.part_layout import StorageDtypes, part_checksum
+from kd.teacher.agreement import AgreementTolerances, position_agreement
 from pipeline.config_loader import load_config
 
 TINY_FAST = ["teacher.backend=hf", "data.max_samples=24", "cache.shard_size=8", "teacher.top_k=8"]
@@ -53,3 +54,16 @@ def reseal_cache(path) -> None:
         group.attrs[fmt.PART_COMMIT_ATTR] = commit
         index["parts"][part_id] = commit
     root.attrs["index"] = index
+
+
+def assert_caches_agree(cache_a, cache_b, shift: int = 0) -> None:
+    """Every scored position agrees within the bf16 bounds (positions of b taken ``shift`` later)."""
+    tolerances, top1 = AgreementTolerances(), []
+    for a, b in zip(cache_a, cache_b):
+        np.testing.assert_array_equal(a["teacher_input_ids"], b["teacher_input_ids"])
+        n = len(a["label_logprobs"]) - shift
+        agreement = position_agreement(a["topk_ids"][:n], a["topk_logprobs"][:n], a["label_logprobs"][:n],
+                                       b["topk_ids"][shift:], b["topk_logprobs"][shift:], b["label_logprobs"][shift:])
+        assert agreement.within(tolerances).all(), f"sample {a['sample_id']}"
+        top1.append(agreement.top1_same)
+    assert np.concatenate(top1).mean() >= tolerances.min_top1_agreement

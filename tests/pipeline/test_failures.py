@@ -326,3 +326,15 @@ def test_two_concurrent_runs_one_proceeds_and_the_cache_equals_a_single_runs(tmp
     for err in loser:
         _one_line(2, err, "is being written by process")
     assert_caches_equal(tmp / "cache", built / "cache")
+
+
+def test_span_scoring_of_an_architecture_it_cannot_reproduce_is_one_line(tmp_path, capsys):
+    """teacher.scoring=span on a teacher whose config scales its logits: exit 2, one line, nothing written."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(ASSETS_DIR / "tiny" / "teacher", teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "logits_scaling": 4.0}))
+    code, _, err = _cli(capsys, "cache-teacher", tmp_path, "teacher.backend=vllm", "teacher.scoring=span",
+                        f"teacher.model={teacher}")
+    _one_line(code, err, "teacher.scoring=span", "logits_scaling", "use teacher.scoring=prompt_logprobs")
+    assert not (tmp_path / "cache").exists()

