@@ -190,3 +190,23 @@ def test_shared_prefix_runs_once_and_scores_like_each_request_alone(hf_backend):
         np.testing.assert_allclose(result.topk_logprobs, alone.topk_logprobs, atol=1e-4, rtol=0)
         np.testing.assert_allclose(result.label_logprobs, alone.label_logprobs, atol=1e-4, rtol=0)
         np.testing.assert_allclose(result.log_normalizers, alone.log_normalizers, atol=1e-4, rtol=0)
+
+
+def test_shared_prefix_path_draws_the_same_sampled_targets(hf_backend):
+    """Sampled draws depend on (seed, sample key, position) only: the shared-prefix path gives each request the
+    same unique ids and counts as scoring it alone."""
+    from kd.teacher.types import SamplingSpec
+
+    rng = np.random.default_rng(6)
+    prefix = rng.integers(4, 300, size=80).tolist()
+    requests = []
+    for key, suffix_length in enumerate((7, 12, 9)):
+        ids = prefix + rng.integers(4, 300, size=suffix_length).tolist()
+        requests.append(ScoreRequest(ids, np.arange(len(ids) - 5, len(ids)), sample_key=1000 + key))
+    spec = SamplingSpec(draws=16, temperature=1.5, seed=3)
+    together = hf_backend.score(requests, sampling=spec)
+    for request, result in zip(requests, together):
+        alone = hf_backend.score([request], sampling=spec)[0]
+        assert result.sampled_counts.sum(axis=1).tolist() == [16] * 5
+        np.testing.assert_array_equal(result.sampled_ids, alone.sampled_ids)
+        np.testing.assert_array_equal(result.sampled_counts, alone.sampled_counts)
