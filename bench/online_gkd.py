@@ -24,8 +24,7 @@ from typing import Any
 from bench.records import BenchResult, training_cost_ratios
 from bench.stage_two import MIB, UNITS, condition_summary, current_rss, medians, training_conditions
 from bench.workspace import BenchSettings, bench_config, config_record
-
-GKD_SETTINGS = {"lmbda": 0.0, "beta": 0.0, "temperature": 1.0, "seq_kd": False}
+from kd.training.online_gkd import GKD_SETTINGS, AnswerCollator, gkd_arguments
 
 
 def parameter_count(model) -> int:
@@ -46,31 +45,6 @@ def _dataset(cache_path: str, num_validation: int, seed: int):
     samples = read_cache_samples(cache, [int(i) for i in train_idx])
     return Dataset.from_dict({"input_ids": [s["input_ids"].tolist() for s in samples],
                               "label_positions": [s["label_positions"].tolist() for s in samples]})
-
-
-class AnswerCollator:
-    """Right-pads input_ids; labels are the token ids at the cached answer positions, -100 elsewhere.
-
-    GKDTrainer shifts labels by one (logits at p - 1 predict labels[p]), the same alignment as the cache.
-    """
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        width = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)  # [B, T]
-        attention_mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
-        for row, f in enumerate(features):
-            ids = torch.tensor(f["input_ids"], dtype=torch.long)
-            input_ids[row, : ids.numel()] = ids
-            attention_mask[row, : ids.numel()] = 1
-            positions = torch.tensor(f["label_positions"], dtype=torch.long)
-            labels[row, positions] = ids[positions]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def _step_timer():
@@ -95,7 +69,7 @@ def measure_gkd(config_name: str, overrides: list[str], condition: str, warmup: 
     """``warmup + steps`` GKDTrainer steps in this process; the last ``steps`` are timed."""
     import torch
     from transformers import AutoModelForCausalLM, PrinterCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from trl.experimental.gkd import GKDTrainer
 
     from kd.student.modes import build_student
     from kd.tokenizer import pad_token_id
@@ -112,12 +86,7 @@ def measure_gkd(config_name: str, overrides: list[str], condition: str, warmup: 
         teacher_dtype = torch.bfloat16 if cuda else torch.float32  # what the hf teacher backend runs
         teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=teacher_dtype)
         pad_id = pad_token_id(tokenizer)
-        args = GKDConfig(output_dir=output_dir, per_device_train_batch_size=tr.batch_size,
-                         max_steps=warmup + steps, learning_rate=tr.lr, warmup_steps=tr.warmup_steps,
-                         lr_scheduler_type="cosine", weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
-                         logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-                         use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, seed=cfg.seed,
-                         max_length=cfg.data.max_seq_len, **GKD_SETTINGS)
+        args = gkd_arguments(cfg, output_dir, warmup + steps, cuda)
         timer = _step_timer()
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args,
                              train_dataset=_dataset(cfg.cache.path, tr.num_validation_samples, cfg.seed),

@@ -41,7 +41,8 @@ UNITS = {"seconds": "stage-one wall seconds, model load excluded", "teacher_toke
          "teacher_tokens_per_sample": "mean teacher tokens per sample (context + answer)",
          "step_time_s": "median seconds per optimizer step", "peak_rss_mb": "MiB, true peak RSS (ru_maxrss) of the "
          "condition's own process over its steps", "bytes_per_token": "bytes on disk per distilled token",
-         "bytes_per_entry": "bytes on disk per kept (id, logprob) entry"}
+         "bytes_per_entry": "bytes on disk per distilled token / K: all of a position's arrays (ids, "
+         "logprobs, label logprob, indices) over its K kept entries, so above cache_size's top-K-only figure"}
 
 
 def _stage_one_row(settings: BenchSettings, name: str, extra: list[str]) -> dict[str, Any]:

@@ -185,6 +185,8 @@ class DataConfig:
     """Shared shot sets: M > 0 draws M fixed disjoint sets of num_fewshot shots once (from ``seed``) and gives each
     sample one of them (from seed + index; never one holding the sample itself), so samples of a set share the
     teacher prefix and stage one computes it once per set (vLLM prefix cache). 0: shots drawn per sample."""
+    fewshot_answers: str = "gold"
+    """``gold``: each worked example shows its own answer; ``shuffled``: another example's answer (an ablation)."""
     max_seq_len: int = 2048
     """Longest student sequence; longer few-shot teacher contexts drop shots first, then the sample is skipped."""
     max_teacher_len: Optional[int] = None

@@ -20,6 +20,7 @@ from cache_schema.sampled import MAX_SAMPLES_PER_POSITION, TARGET_MODES
 from kd.config import Config, DataConfig, EvalConfig, ServerConfig, TrainConfig
 from kd.data.formats import DATA_FORMATS, DOCUMENT_FORMATS, ON_ERROR_POLICIES
 from kd.data.mixture import MIXTURE_UNITS
+from kd.data.sequences import FEWSHOT_ANSWERS
 from kd.errors import ConfigError
 from kd.evaluation.answers import ANSWER_FALLBACKS
 from kd.evaluation.baseline import EVAL_BASELINES
@@ -125,6 +126,7 @@ def _validate_data_formats(d: DataConfig, source: str) -> None:
                "required with a mixture: how many samples (or tokens, data.mixture_unit) to draw")
         _positive(d.mixture_budget, source, "data.mixture_budget")
     _one_of(d.mixture_unit, MIXTURE_UNITS, source, "data.mixture_unit")
+    _one_of(d.fewshot_answers, FEWSHOT_ANSWERS, source, "data.fewshot_answers")
     if d.window_stride is not None:
         _check(0 < d.window_stride <= d.max_seq_len, source, "data.window_stride",
                f"must be in [1, data.max_seq_len={d.max_seq_len}] (got {d.window_stride})")

@@ -157,6 +157,35 @@ def run_all_command(config_name: str, workers: int, overwrite: bool, resume: boo
         run_all(cfg, workers=workers, overwrite=overwrite, resume=resume, progress=progress, echo=click.echo)
 
 
+STUDY_ARMS_TEXT = "kd_fewshot,sft,online_gkd,kd_zeroshot,kd_shuffled"
+
+
+@cli.command("study")
+@click.option("--config", "config_name", required=True, help=CONFIG_HELP)
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Training seeds per arm (the config's seed, +1, ...).")
+@click.option("--arms", default=STUDY_ARMS_TEXT, show_default=True, help="Comma-separated arms to run.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Study directory (default: <parent of train.output_dir>/study).")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Stage one: dask worker processes (0: in this process).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@verbose_option
+@click.argument("overrides", nargs=-1)
+def study_command(config_name: str, seeds: int, arms: str, out_dir: str | None, workers: int, progress: bool,
+                  verbose: bool, overrides: tuple[str, ...]) -> None:
+    """Cached KD vs SFT vs online KD vs the no-shot and shuffled-shot teachers, over seeds (study.md)."""
+    from pipeline.config_loader import load_config
+    from pipeline.study import parse_arms, study
+
+    cfg = load_config(config_name, overrides)
+    out = Path(out_dir) if out_dir else Path(cfg.train.output_dir).parent / "study"
+    with named_os_errors(f"the study directory {out}"), \
+            library_output_to_log(out / "logs" / "study.log", "study", verbose, echo=click.echo):
+        study(cfg, seeds=seeds, out=out, arms=parse_arms(arms), workers=workers, progress=progress,
+              echo=click.echo)
+
+
 def _with_baseline(overrides: tuple[str, ...], baseline: str | None) -> list[str]:
     return [*overrides, f"eval.baseline={baseline}"] if baseline else list(overrides)
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from kd.data.chat import chat_pair, conversations
 from kd.data.formats import Record
 from kd.data.prompting import (
@@ -92,6 +94,23 @@ def check_alignment(sample_id: str, pair: PromptPair) -> None:
                              f"position {tp}); refusing to write a misaligned cache")
 
 
+FEWSHOT_ANSWERS = ("gold", "shuffled")
+"""``data.fewshot_answers``: worked examples keep their own answers, or (an ablation: does the teacher use the
+examples' content or only their form?) each shows the answer of another pool question, a seeded derangement."""
+
+
+def shuffled_answers(exchanges: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """The same questions, each paired with another exchange's answer (a cyclic shift of a seeded permutation,
+    so no exchange keeps its own answer when the pool has two or more)."""
+    if len(exchanges) < 2:
+        return list(exchanges)
+    order = np.random.default_rng([seed, 4099]).permutation(len(exchanges))
+    answers = [""] * len(exchanges)
+    for position, index in enumerate(order):
+        answers[index] = exchanges[order[(position + 1) % len(order)]][1]
+    return [(question, answer) for (question, _), answer in zip(exchanges, answers, strict=True)]
+
+
 @dataclass(frozen=True)
 class RecordSettings:
     """The ``data.*`` settings that shape the sequences of every record."""
@@ -104,6 +123,7 @@ class RecordSettings:
     system_prompt: str | None = None
     teacher_system_prompt: str | None = None
     fewshot_sets: int = 0
+    fewshot_answers: str = "gold"
 
 
 def token_windows(ids: list[int], mask: list[bool], max_len: int, stride: int) -> list[tuple[list[int], list[int]]]:
@@ -241,6 +261,8 @@ class RecordBuilder:
                 draw_shot_sets(len(self.exchanges), settings.num_fewshot, settings.fewshot_sets, settings.seed)
             except ValueError as problem:
                 raise DataError(f"{pool[0].location}: {problem}") from None
+        if settings.fewshot_answers == "shuffled":
+            self.exchanges = shuffled_answers(self.exchanges, settings.seed)
         self.pool_index = {question: i for i, (question, _) in enumerate(self.exchanges)}
 
     def build(self, records: list[Record]) -> SequenceReport:

@@ -24,7 +24,7 @@ _PROMPT_KEYS = ("num_fewshot", "fewshot_sets", "max_seq_len", "max_teacher_len",
 def record_settings(data: DataConfig, seed: int, teacher_len: int | None) -> RecordSettings:
     """The ``data.*`` settings the sequence builder needs; ``teacher_len`` is the teacher's length limit."""
     return RecordSettings(data.num_fewshot, seed, data.max_seq_len, teacher_len, data.window_stride,
-                          data.system_prompt, data.teacher_system_prompt, data.fewshot_sets)
+                          data.system_prompt, data.teacher_system_prompt, data.fewshot_sets, data.fewshot_answers)
 
 
 def single_source(spec: str, fmt: str, *, pool_spec: str | None, tokenizer, settings: RecordSettings,
@@ -79,5 +79,7 @@ def training_set_fingerprints(training: TrainingSet, data: DataConfig, seed: int
               **{key: getattr(data, key) for key in _PROMPT_KEYS}}
     if data.fewshot_sets:  # the assignment: which shared set each sample's teacher prompt uses
         prompt["shot_sets"] = [s.shot_set for s in training.built]
+    if data.fewshot_answers != "gold":  # only when set, so caches made before the option keep their fingerprint
+        prompt["fewshot_answers"] = data.fewshot_answers
     return {"tokenizer": tokenizer_fingerprint(tokenizer), "data": samples_fingerprint(rows),
             "prompt": json_fingerprint(prompt)}
