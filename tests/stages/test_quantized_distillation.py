@@ -97,7 +97,9 @@ def test_run_all_tiny_bitdistill_end_to_end(tmp_path, capsys):
     assert code == 0, out
     assert "stage two done: 4 steps" in out and "final ternary:" in out
     # evaluation generates with the ternary student's checkpoint and ends the run with the table
-    assert out.rstrip().splitlines()[-1].startswith("| distilled student | 4 | 0 |")
+    *_, table_end, log_line = out.rstrip().splitlines()
+    assert table_end.startswith("| distilled student | 4 | 0 |")
+    assert log_line.startswith(f"(library messages: {tmp_path}/logs/run-all.log")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert Path(summary["final"]["ternary"], "latent.safetensors").is_file()
     records = train_records(tmp_path / "run")
