@@ -85,16 +85,16 @@ def top_k_tables(settings: BenchSettings) -> dict[str, list[dict[str, Any]]]:
     from cache_schema import open_cache
     from cache_schema.cache_stats import cache_stats
 
-    step_rows, byte_rows = [], []
+    step_rows, byte_rows, paths = [], [], {}
     top_ks = settings.extra.get("top_ks", SCALING_TOP_KS)
     for k in top_ks:
-        _, path = training_cache(settings, top_k=k)
+        _, path = paths[k] = training_cache(settings, top_k=k)
         overrides = ["teacher.backend=hf", f"teacher.top_k={k}", f"cache.path={path}"]
         step_rows.append({"top_k": k, "condition": "kd", **_train(settings, overrides, "kd")})
         stats = cache_stats(open_cache(path))
         byte_rows.append({"top_k": k, "bytes_per_token": round(stats["bytes_per_position"], 2),
                           "bytes_per_entry": round(stats["bytes_per_position"] / k, 3)})
-    _, path = training_cache(settings, top_k=top_ks[0])
+    _, path = paths[top_ks[0]]  # CE-only reads no top-K: any of the caches above serves
     ce = _train(settings, ["teacher.backend=hf", f"teacher.top_k={top_ks[0]}", f"cache.path={path}"], "ce")
     step_rows.append({"top_k": None, "condition": "ce", **ce})
     return {"stage_two_vs_top_k": step_rows, "bytes_vs_top_k": byte_rows}

@@ -29,6 +29,11 @@ def verbose_option(command):
                              "<run dir>/logs/<command>.log).")(command)
 
 
+def _library_log(cfg, command: str, verbose: bool):
+    """The command's run log (``<run dir>/logs/<command>.log``) as the block's home for library noise."""
+    return library_output_to_log(run_log_path(cfg, command), command, verbose, echo=click.echo)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
@@ -106,9 +111,7 @@ def cache_teacher_command(config_name: str, workers: int, scheduler: str | None,
     from stages.cache_teacher import cache_teacher
 
     cfg = load_config(config_name, overrides)
-    log = run_log_path(cfg, "cache-teacher")
-    with named_os_errors(f"cache.path={cfg.cache.path}"), \
-            library_output_to_log(log, "cache-teacher", verbose, echo=click.echo):
+    with named_os_errors(f"cache.path={cfg.cache.path}"), _library_log(cfg, "cache-teacher", verbose):
         cache_teacher(cfg, workers=workers, scheduler=scheduler, overwrite=overwrite, repair=repair,
                       progress=progress, echo=click.echo)
 
@@ -127,9 +130,8 @@ def train_student_command(config_name: str, resume: bool, overwrite: bool, progr
     from stages.train_student import train_student
 
     cfg = load_config(config_name, overrides)
-    log = run_log_path(cfg, "train-student")
     with named_os_errors(f"train.output_dir={cfg.train.output_dir}"), \
-            library_output_to_log(log, "train-student", verbose, echo=click.echo):
+            _library_log(cfg, "train-student", verbose):
         train_student(cfg, resume=resume, overwrite=overwrite, progress=progress, echo=click.echo)
 
 
@@ -151,9 +153,8 @@ def run_all_command(config_name: str, workers: int, overwrite: bool, resume: boo
     from pipeline.run_all import run_all
 
     cfg = load_config(config_name, _with_baseline(overrides, baseline))
-    log = run_log_path(cfg, "run-all")
     with named_os_errors(f"cache.path={cfg.cache.path} or train.output_dir={cfg.train.output_dir}"), \
-            library_output_to_log(log, "run-all", verbose, echo=click.echo):
+            _library_log(cfg, "run-all", verbose):
         run_all(cfg, workers=workers, overwrite=overwrite, resume=resume, progress=progress, echo=click.echo)
 
 
@@ -219,9 +220,8 @@ def eval_command(config_name: str, run_dir: str | None, steps: list[int] | None,
     from stages.evaluate import evaluate
 
     cfg = load_config(config_name, _with_baseline(overrides, baseline))
-    log = run_log_path(cfg, "eval")
     with named_os_errors(f"the run directory {run_dir or cfg.train.output_dir}"), \
-            library_output_to_log(log, "eval", verbose, echo=click.echo):
+            _library_log(cfg, "eval", verbose):
         evaluate(cfg, run_dir=run_dir, steps=steps, echo=click.echo)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kd.data.prompting import build_pair, draw_shots
+from kd.training.online_gkd import right_padded
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,7 @@ def _length_bucketed_batches(lengths: list[int], batch_size: int, rng: np.random
 
 def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, T] input ids, attention mask and labels (-100 on padding), right padded."""
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
+    input_ids, attention_mask = right_padded(sequences, pad_id)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return input_ids, attention_mask, labels
 
